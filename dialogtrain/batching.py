@@ -1,0 +1,96 @@
+"""Which examples go into which optimizer step, which rank and which micro-batch; and padding.
+
+The global batch of one optimizer step (micro-batch x grad-accum x world size examples) is a
+function of the seed and the epoch only, so every split of it into ranks and micro-batches sees
+the same examples in the same step. Every rank computes the whole plan itself: no communication,
+and each rank knows the target-token count of the whole step (the SFT loss divides by it).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+
+from dialogtrain.formatting import IGNORE_INDEX
+
+
+def step_batches(num_examples: int, global_batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """Shuffle `range(num_examples)` with (seed, epoch) and cut it into full global batches.
+
+    The incomplete tail is dropped (it would give some ranks empty micro-batches).
+    Example: step_batches(5, 2, seed, 0) -> e.g. [[3, 0], [4, 1]] (one example left out).
+    """
+    order = list(range(num_examples))
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    usable = num_examples - num_examples % global_batch
+    return [order[i:i + global_batch] for i in range(0, usable, global_batch)]
+
+
+def micro_batches_of_rank(step: Sequence[int], lengths: Sequence[int], rank: int, world_size: int,
+                          micro_batch: int) -> list[list[int]]:
+    """This rank's micro-batches of one optimizer step, grouped by length to cut padding.
+
+    The step's examples are sorted by length (stable), cut into micro-batches, and dealt to the
+    ranks in turn: chunk j goes to rank j % world_size. With lengths [5, 1, 9, 3], 2 ranks and
+    micro-batch 1: sorted [1, 3, 0, 2] -> rank 0 gets [[1], [0]], rank 1 gets [[3], [2]].
+    """
+    ordered = sorted(step, key=lambda i: lengths[i])
+    chunks = [ordered[i:i + micro_batch] for i in range(0, len(ordered), micro_batch)]
+    return chunks[rank::world_size]
+
+
+def eval_micro_batches_of_rank(num_examples: int, rank: int, world_size: int,
+                               micro_batch: int) -> list[list[int]]:
+    """Every example exactly once over all ranks; every rank gets the same number of micro-batches.
+
+    Under ZeRO-3 each forward is collective, so a rank with fewer batches would hang the others:
+    a rank that runs out gets empty lists, which the caller turns into a zero-weight forward.
+    """
+    mine = list(range(rank, num_examples, world_size))
+    per_rank = -(-num_examples // world_size)
+    count = -(-per_rank // micro_batch)
+    return [mine[i * micro_batch:(i + 1) * micro_batch] for i in range(count)]
+
+
+def collate_sft(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example. Padding is marked by the attention mask and -100 labels.
+
+    [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}], pad 0 ->
+      input_ids      [[5, 6, 7], [8, 0, 0]]
+      attention_mask [[1, 1, 1], [1, 0, 0]]
+      labels         [[-100, 6, 7], [8, -100, -100]]
+    """
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, e in enumerate(examples):
+        n = len(e["input_ids"])
+        ids[row, :n] = torch.tensor(e["input_ids"])
+        labels[row, :n] = torch.tensor(e["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def target_tokens(example: dict) -> int:
+    """Tokens that contribute to the loss: labels other than -100 after the one-position shift."""
+    return sum(1 for label in example["labels"][1:] if label != IGNORE_INDEX)
+
+
+def collate_preferences(examples: Sequence[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """B preference pairs -> one batch of 2B rows: the B chosen rows, then the B rejected rows.
+
+    Right-padded to the longest of all 2B sequences, like collate_sft, so one forward scores both
+    sides and rows b and B + b are the two answers to the same prompt.
+    [{"chosen_ids": [5, 6, 7], "chosen_labels": [-100, 6, 7], "rejected_ids": [5, 8], "rejected_labels": [-100, 8]}],
+    pad 0 ->
+      input_ids      [[5, 6, 7], [5, 8, 0]]
+      attention_mask [[1, 1, 1], [1, 1, 0]]
+      labels         [[-100, 6, 7], [-100, 8, -100]]
+    """
+    rows = [{"input_ids": e[f"{side}_ids"], "labels": e[f"{side}_labels"]}
+            for side in ("chosen", "rejected") for e in examples]
+    return collate_sft(rows, pad_id)
+

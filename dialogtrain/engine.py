@@ -1,0 +1,86 @@
+"""The DeepSpeed engine both loops train on: initialisation, the learning-rate schedule, grad norm."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import torch
+
+
+def read_ds_config(path: Path, total_steps: int) -> dict:
+    """RUN/ds_config.json, with a scheduler's `total_num_steps: "auto"` set to the planned steps."""
+    config = json.loads(Path(path).read_text())
+    params = config.get("scheduler", {}).get("params", {})
+    if params.get("total_num_steps") == "auto":
+        params["total_num_steps"] = total_steps
+    return config
+
+
+def warmup_linear_decay(warmup_steps: int, total_steps: int):
+    """LR factor of optimizer step s (0-based): linear warm-up to 1, then linear decay towards 0.
+
+        f(s) = (s + 1) / warmup_steps          for s < warmup_steps
+        f(s) = (total - s) / (total - warmup)  after, so the last step still learns (f > 0)
+
+    Unlike a warm-up that starts at exactly 0, no step is wasted, and `--warmup-steps 0` means
+    full learning rate from the first step.
+    """
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict, warmup_steps: int, total_steps: int):
+    """`deepspeed.initialize` with the run's config. Returns (engine, lr_scheduler).
+
+    The schedule is ours (`warmup_linear_decay`) unless the user's DeepSpeed config names its own.
+    """
+    import deepspeed
+
+    config = copy.deepcopy(ds_config)
+    scheduler = None
+    if "scheduler" not in config:
+        def make_scheduler(optimizer):
+            return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_linear_decay(warmup_steps, total_steps))
+
+        scheduler = make_scheduler
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, _, _, lr_scheduler = deepspeed.initialize(model=model, model_parameters=params, config=config,
+                                                      lr_scheduler=scheduler)
+    return engine, lr_scheduler
+
+
+def current_lr(engine) -> float:
+    return float(engine.get_lr()[0])
+
+
+def boundary_step(engine) -> float:
+    """`engine.step()` for the last micro-batch of an optimizer step; returns the grad norm before clipping.
+
+    DeepSpeed reports the norm for ZeRO and mixed precision. The plain fp32 ZeRO-0 path does not,
+    so there it is computed from the gradients, which `engine.backward` has already all-reduced.
+    """
+    plain = engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
+    norm = gradient_norm(engine.module) if plain else None
+    engine.step()
+    if not plain:
+        reported = engine.get_global_grad_norm()
+        norm = float(reported) if reported is not None else math.nan
+    return norm
+
+
+def gradient_norm(model: torch.nn.Module) -> float:
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return math.nan
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
+def is_finite(value: float) -> bool:
+    return math.isfinite(value)

@@ -1,0 +1,57 @@
+"""Loading a causal LM and its tokenizer from a folder, a .gguf file or a hub id."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dialogtrain.errors import UserError
+
+
+def resolve_model_path(model: str) -> str:
+    """A .gguf file becomes its converted Hugging Face folder (cached); a missing local path is an error."""
+    if model.endswith(".gguf"):
+        from dialogtrain.gguf_import import resolve_model
+
+        return resolve_model(model)
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise UserError(f"--model {model}: folder has no config.json (not a Hugging Face model folder)")
+        return str(path)
+    if model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", "", 1):
+        raise UserError(f"--model {model}: no such folder")
+    return model  # a hub id: "org/name" or "name"
+
+
+def load_tokenizer(model: str, trust_remote_code: bool = False):
+    """The tokenizer, with pad = EOS when it has none (padding is then known from the attention mask)."""
+    from transformers import AutoTokenizer
+
+    from dialogtrain.formatting import prepare_tokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise UserError(f"could not load the tokenizer of {model!r}: {first_line(err)}") from None
+    return prepare_tokenizer(tokenizer)
+
+
+def load_model(model: str, trust_remote_code: bool = False):
+    """(model, tokenizer), weights in fp32 (DeepSpeed casts for bf16/fp16), KV cache off for training."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(model)
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    try:
+        lm = AutoModelForCausalLM.from_pretrained(path, dtype="float32", trust_remote_code=trust_remote_code)
+    except OSError as err:
+        raise UserError(f"could not load the model {model!r}: {first_line(err)}") from None
+    lm.config.use_cache = False
+    if lm.config.pad_token_id is None:
+        lm.config.pad_token_id = tokenizer.pad_token_id
+    return lm, tokenizer
+
+
+def first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

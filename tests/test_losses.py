@@ -1,0 +1,47 @@
+"""The log-prob primitive and the SFT loss against hand-computed values."""
+
+import math
+
+import pytest
+import torch
+
+from dialogtrain.losses import sequence_logps, sft_loss, token_logps
+
+
+def log_softmax(row, index):
+    return row[index] - math.log(sum(math.exp(x) for x in row))
+
+
+LOGITS = torch.tensor([[[1.0, 2.0, 0.0], [0.5, 0.5, 3.0], [2.0, 0.0, 1.0], [0.0, 0.0, 0.0]]])  # (1, 4, 3)
+LABELS = torch.tensor([[-100, 1, -100, 2]])  # learn token 1 at position 1, token 2 at position 3
+
+
+def test_token_logps_are_shifted_and_masked():
+    logps, mask = token_logps(LOGITS, LABELS)
+    # position t predicts label t+1: logits[0] -> label 1, logits[2] -> label 2; logits[1] -> -100
+    expected = [log_softmax([1.0, 2.0, 0.0], 1), 0.0, log_softmax([2.0, 0.0, 1.0], 2)]
+    assert mask.tolist() == [[True, False, True]]
+    assert logps[0].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+def test_sequence_logps_sums_target_tokens():
+    logps, n = sequence_logps(LOGITS, LABELS)
+    assert n.tolist() == [2]
+    assert logps.item() == pytest.approx(log_softmax([1.0, 2.0, 0.0], 1) + log_softmax([2.0, 0.0, 1.0], 2),
+                                         abs=1e-6)
+
+
+def test_sft_loss_divides_by_the_step_token_count_not_the_batch():
+    total = -(log_softmax([1.0, 2.0, 0.0], 1) + log_softmax([2.0, 0.0, 1.0], 2))
+    assert sft_loss(LOGITS, LABELS, step_target_tokens=2).item() == pytest.approx(total / 2, abs=1e-6)
+    assert sft_loss(LOGITS, LABELS, step_target_tokens=8).item() == pytest.approx(total / 8, abs=1e-6)
+
+
+def test_bf16_logits_are_scored_in_fp32():
+    logps, _ = sequence_logps(LOGITS.bfloat16(), LABELS)
+    assert logps.dtype == torch.float32
+
+
+def test_shape_mismatch_is_refused():
+    with pytest.raises(ValueError, match="labels"):
+        token_logps(LOGITS, LABELS[:, :3])

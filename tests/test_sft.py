@@ -1,0 +1,77 @@
+"""The SFT worker in-process: split invariance, export equality, learning, metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from dialogtrain.metrics import read_metrics
+from tests.sft_harness import train_in_process, write_messages_jsonl, write_pairs_csv, write_run_dir
+
+
+def final_weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(str(run_dir / "final" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("model_fixture", ["llama_dir"])
+def test_micro_batch_times_accumulation_split_gives_the_same_weights(model_fixture, request, tmp_path):
+    """4x1, 2x2 and 1x4 on variable-length multi-turn data: the same update, to float rounding."""
+    model_dir = request.getfixturevalue(model_fixture)
+    data = write_messages_jsonl(tmp_path / "chats.jsonl")
+    weights = []
+    for micro, accum in [(4, 1), (2, 2), (1, 4)]:
+        run_dir = tmp_path / f"run-{micro}x{accum}"
+        run_json = write_run_dir(run_dir, model=str(model_dir), data=str(data), micro_batch=micro,
+                                 grad_accum=accum, lr=1e-2, max_steps=3, precision="fp32", gpus="cpu", seed=3)
+        train_in_process(run_json)
+        weights.append(final_weights(run_dir))
+    start = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(model_dir / "model.safetensors"))
+    for name, tensor in weights[0].items():
+        assert not torch.equal(tensor, start[name]) or "norm" in name, f"{name} did not change"
+        for other in weights[1:]:
+            assert (tensor - other[name]).abs().max().item() < 1e-5, name
+
+
+def test_export_loads_in_plain_transformers_with_the_engines_logits(gpt2_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    data = write_pairs_csv(tmp_path / "pairs.csv")
+    run_dir = tmp_path / "run"
+    run_json = write_run_dir(run_dir, model=str(gpt2_dir), data=str(data), micro_batch=4, max_steps=4,
+                             lr=5e-3, precision="fp32", gpus="cpu")
+    engine = train_in_process(run_json)
+    final = run_dir / "final"
+    model = AutoModelForCausalLM.from_pretrained(final)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|endoftext|>"
+    assert tokenizer.chat_template  # the DialoGPT template, so chat and apply_chat_template work
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # still tied
+    ids = torch.tensor([tokenizer.encode("hello there how are you")])
+    engine.module.eval()
+    with torch.no_grad():
+        expected = engine.module(input_ids=ids).logits
+        got = model(input_ids=ids).logits
+    assert (expected - got).abs().max().item() < 1e-6
+    assert json.loads((final / "generation_config.json").read_text())["pad_token_id"] == tokenizer.eos_token_id
+
+
+def test_loss_falls_and_metrics_are_logged(llama_dir, tmp_path):
+    data = write_messages_jsonl(tmp_path / "chats.jsonl")
+    run_dir = tmp_path / "run"
+    run_json = write_run_dir(run_dir, model=str(llama_dir), data=str(data), eval_data=str(data), micro_batch=4,
+                             max_steps=12, eval_every=6, lr=1e-2, precision="fp32", gpus="cpu")
+    train_in_process(run_json)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 13))
+    assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens_per_s", "target_tokens"} <= set(steps[0])
+    assert steps[-1]["loss"] < 0.7 * steps[0]["loss"]
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [6, 12]
+    assert evals[-1]["eval_ppl"] == pytest.approx(2.718281828 ** evals[-1]["eval_loss"], rel=1e-4)
+    # linear decay to the end: the learning rate of the last step is 1/12 of the peak (no warm-up)
+    assert steps[0]["lr"] == pytest.approx(1e-2) and steps[-1]["lr"] == pytest.approx(1e-2 / 12)
