@@ -1,0 +1,117 @@
+"""Which devices a run uses (`--gpus 0,1,3 | all | cpu`, `--nproc N`), decided without importing torch."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from dialogtrain.errors import UserError
+
+FAKE_GPUS_ENV = "DIALOGTRAIN_FAKE_GPUS"  # tests: pretend this many GPUs exist, skip nvidia-smi
+
+
+@dataclass(frozen=True)
+class Devices:
+    """Where the processes of a run go.
+
+    kind: "cuda" or "cpu". ids: the GPU numbers from `--gpus`, counted among the visible GPUs
+    (empty on the CPU). nproc: processes to start (one per GPU id, or `--nproc` on the CPU).
+    cuda_visible_devices: the value for CUDA_VISIBLE_DEVICES ("" on the CPU). notice: one line
+    to show the user when their request was changed (no GPU, so the CPU), else None.
+    """
+
+    kind: str
+    ids: list[int]
+    nproc: int
+    notice: str | None = None
+    cuda_visible_devices: str = ""
+
+
+def visible_gpus(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Names of the GPUs a process started now would see, in the order `--gpus` numbers them.
+
+    DIALOGTRAIN_FAKE_GPUS=N gives "0".."N-1". Otherwise `nvidia-smi -L` counts them (none when it
+    is missing or fails); an existing CUDA_VISIBLE_DEVICES narrows and renumbers them, as CUDA does.
+    """
+    environ = os.environ if environ is None else environ
+    fake = environ.get(FAKE_GPUS_ENV)
+    if fake is not None:
+        if not fake.strip().isdigit():
+            raise UserError(f"{FAKE_GPUS_ENV}={fake!r}: expected a number of GPUs")
+        return [str(i) for i in range(int(fake))]
+    count = count_nvidia_smi_gpus()
+    if count == 0:
+        return []
+    visible = environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return [str(i) for i in range(count)]
+    return [name.strip() for name in visible.split(",") if name.strip() and name.strip() != "-1"]
+
+
+def count_nvidia_smi_gpus() -> int:
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20,
+                                 check=False)
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    if listing.returncode != 0:
+        return 0
+    return sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))
+
+
+def parse_gpu_ids(gpus: str) -> list[int]:
+    """"0,1,3" -> [0, 1, 3]; raises UserError naming --gpus for anything else."""
+    parts = [part.strip() for part in gpus.split(",")]
+    if not all(part.isdigit() for part in parts):
+        raise UserError(f"--gpus {gpus!r}: expected GPU ids like 0,1,3, or all, or cpu")
+    ids = [int(part) for part in parts]
+    if len(set(ids)) != len(ids):
+        raise UserError(f"--gpus {gpus!r}: an id appears twice")
+    return ids
+
+
+def resolve_devices(gpus: str, nproc: int = 1, available: list[str] | None = None) -> Devices:
+    """Decide devices and process count from `--gpus` and `--nproc`.
+
+    `available` is what `visible_gpus()` returns (looked up when None). Rules:
+    - `cpu`: `nproc` CPU processes.
+    - `all`: one process per GPU; with no GPU, `nproc` CPU processes and a notice.
+    - ids: one process per id; every id must exist. A single id on a machine without any GPU
+      falls back to one CPU process with a notice; several ids there are an error.
+    `--nproc` above 1 only makes sense on the CPU; with GPUs it must equal the number of ids.
+    Raises UserError naming the flag.
+    """
+    spec = gpus.strip().lower()
+    if spec == "cpu":
+        return Devices("cpu", [], nproc)
+    available = visible_gpus() if available is None else available
+    if spec == "all":
+        if not available:
+            return Devices("cpu", [], nproc,
+                           notice="no GPU found (nvidia-smi lists none): running on the CPU")
+        return _on_gpus(list(range(len(available))), nproc, available, gpus)
+    ids = parse_gpu_ids(gpus)
+    if not available:
+        if len(ids) == 1:
+            return Devices("cpu", [], nproc,
+                           notice=f"--gpus {gpus}: no GPU found (nvidia-smi lists none): running on the CPU")
+        raise UserError(f"--gpus {gpus}: no GPU found (nvidia-smi lists none); "
+                        f"use --gpus cpu --nproc {len(ids)} to run {len(ids)} processes on the CPU")
+    missing = [i for i in ids if i >= len(available)]
+    if missing:
+        raise UserError(f"--gpus {gpus}: no GPU {','.join(map(str, missing))} "
+                        f"(this machine shows {len(available)}: {_id_range(len(available))})")
+    return _on_gpus(ids, nproc, available, gpus)
+
+
+def _on_gpus(ids: list[int], nproc: int, available: list[str], gpus: str) -> Devices:
+    if nproc > 1 and nproc != len(ids):
+        raise UserError(f"--nproc {nproc} is for --gpus cpu; on GPUs one process runs per id "
+                        f"(--gpus {gpus} starts {len(ids)})")
+    return Devices("cuda", ids, len(ids), cuda_visible_devices=",".join(available[i] for i in ids))
+
+
+def _id_range(count: int) -> str:
+    return "0" if count == 1 else f"0-{count - 1}"
