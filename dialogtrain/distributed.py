@@ -71,5 +71,8 @@ def distributed_world() -> Iterator[World]:
     try:
         yield World(rank=rank, local_rank=local_rank, size=size, device=device)
     finally:
+        # Through deepspeed.comm, not torch.distributed: DeepSpeed caches its clone of the world group
+        # in module globals, and only its own destroy clears them (a second run in one process would
+        # otherwise use a dead group).
         if dist.is_initialized():
-            dist.destroy_process_group()
+            deepspeed.comm.destroy_process_group()
