@@ -19,14 +19,17 @@ def final_weights(run_dir):
 
 @pytest.mark.parametrize("model_fixture", ["llama_dir"])
 def test_micro_batch_times_accumulation_split_gives_the_same_weights(model_fixture, request, tmp_path):
-    """4x1, 2x2 and 1x4 on variable-length multi-turn data: the same update, to float rounding."""
+    """4x1, 2x2 and 1x4 on variable-length multi-turn data: the same update, to float rounding.
+
+    Adam divides by sqrt(v): on near-zero gradients it magnifies rounding, so lr stays small (1e-3).
+    """
     model_dir = request.getfixturevalue(model_fixture)
     data = write_messages_jsonl(tmp_path / "chats.jsonl")
     weights = []
     for micro, accum in [(4, 1), (2, 2), (1, 4)]:
         run_dir = tmp_path / f"run-{micro}x{accum}"
         run_json = write_run_dir(run_dir, model=str(model_dir), data=str(data), micro_batch=micro,
-                                 grad_accum=accum, lr=1e-2, max_steps=3, precision="fp32", gpus="cpu", seed=3)
+                                 grad_accum=accum, lr=1e-3, max_steps=3, precision="fp32", gpus="cpu", seed=3)
         train_in_process(run_json)
         weights.append(final_weights(run_dir))
     start = __import__("safetensors.torch", fromlist=["load_file"]).load_file(str(model_dir / "model.safetensors"))
