@@ -146,11 +146,14 @@ class LaunchOptions:
     gpus: str = "all"  # "0,1,3" | "all" | "cpu"
     nproc: int = 1  # processes when gpus == "cpu"
     ds_config: str | None = None
+    max_restarts: int = 0  # torchrun restarts every worker up to this many times after a failure
 
     def problems(self) -> list[str]:
         out = [] if self.output else [f"{flag('output')} is required"]
         if self.nproc < 1:
             out.append(f"{flag('nproc')} must be >= 1, got {self.nproc}")
+        if self.max_restarts < 0:
+            out.append(f"{flag('max_restarts')} must be >= 0, got {self.max_restarts}")
         return out
 
 

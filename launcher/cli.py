@@ -182,7 +182,8 @@ def training_command(command: str, summary: str) -> click.Command:
 def launch(command: str, run: ResolvedRun, *, dry_run: bool, overwrite: bool, master_port: int | None) -> int:
     """Write the run folder and run torchrun (or only show them, for --dry-run). Returns the exit code."""
     run_dir = Path(run.options.launch.output).resolve()
-    argv = launch_argv(command, run_dir / "run.json", run.devices.nproc, master_port or free_port())
+    argv = launch_argv(command, run_dir / "run.json", run.devices.nproc, master_port or free_port(),
+                       run.options.launch.max_restarts)
     env = launch_environment(run.devices, os.environ)
     script = command_script(argv, env, Path.cwd(), command)
     for note in run.notes:

@@ -50,6 +50,8 @@ HELP = {
               "(required)",
     "gpus": "GPU ids (0,1,3), all, or cpu",
     "nproc": "number of processes with --gpus cpu",
+    "max_restarts": "after a worker fails, torchrun restarts all workers up to N times; they resume from "
+                    "the last checkpoint",
     "ds_config": "start from your own DeepSpeed config JSON (the flags still set the keys they own)",
 }
 METAVARS = {

@@ -27,10 +27,10 @@ def torchrun_prefix() -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run"]
 
 
-def launch_argv(command: str, run_json: Path, nproc: int, port: int) -> list[str]:
+def launch_argv(command: str, run_json: Path, nproc: int, port: int, max_restarts: int = 0) -> list[str]:
     """torchrun with static rendezvous on this machine, starting `nproc` workers of `command`."""
     return [*torchrun_prefix(), "--nnodes", "1", "--nproc-per-node", str(nproc),
-            "--master-addr", "127.0.0.1", "--master-port", str(port),
+            "--master-addr", "127.0.0.1", "--master-port", str(port), "--max-restarts", str(max_restarts),
             "-m", WORKER_MODULES[command], str(run_json)]
 
 
