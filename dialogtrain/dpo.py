@@ -43,7 +43,7 @@ from dialogtrain.errors import UserError, exit_on_user_error
 from dialogtrain.export import export_hf_checkpoint, gather_state_dict
 from dialogtrain.losses import DPO_LOSSES, chosen_nll, sequence_logps
 from dialogtrain.metrics import open_metrics
-from dialogtrain.model import load_model, resolve_model_path
+from dialogtrain.model import load_model, load_tokenizer, resolve_model_path
 from dialogtrain.options import RunOptions
 from dialogtrain.sft import TrainingError
 
@@ -354,9 +354,11 @@ def train(run_json: Path, world: World):
     check_options(options)
     run_dir = run_json.parent
     seed_everything(options.schedule.seed)
+    # The data first: a bad row stops the run in seconds, before a large model loads.
+    tokenizer = load_tokenizer(options.model.model, options.model.trust_remote_code)
+    train_set, eval_set = setup_data(options, tokenizer, world)
     model, tokenizer = load_model(options.model.model, options.model.trust_remote_code)
     disable_dropout(model)
-    train_set, eval_set = setup_data(options, tokenizer, world)
     lengths = [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in train_set]
     steps_per_epoch, total_steps = plan_steps(options, len(train_set))
     world.print(f"plan: {len(train_set)} pairs, global batch {options.global_batch} pairs = micro-batch "

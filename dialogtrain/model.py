@@ -31,7 +31,7 @@ def load_tokenizer(model: str, trust_remote_code: bool = False):
     from dialogtrain.formatting import prepare_tokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
     except OSError as err:
         raise UserError(f"could not load the tokenizer of {model!r}: {first_line(err)}") from None
     return prepare_tokenizer(tokenizer)

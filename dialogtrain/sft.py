@@ -32,7 +32,7 @@ from dialogtrain.errors import UserError, exit_on_user_error
 from dialogtrain.export import export_hf_checkpoint, gather_state_dict
 from dialogtrain.losses import sequence_logps, sft_loss
 from dialogtrain.metrics import open_metrics
-from dialogtrain.model import load_model
+from dialogtrain.model import load_model, load_tokenizer
 from dialogtrain.options import RunOptions
 
 
@@ -138,8 +138,10 @@ def train(run_json: Path, world: World):
     options = RunOptions.load(run_json)
     run_dir = run_json.parent
     seed_everything(options.schedule.seed)
-    model, tokenizer = load_model(options.model.model, options.model.trust_remote_code)
+    # The data first: a bad row stops the run in seconds, before a large model loads.
+    tokenizer = load_tokenizer(options.model.model, options.model.trust_remote_code)
     train_set, eval_set = setup_data(options, tokenizer, world)
+    model, tokenizer = load_model(options.model.model, options.model.trust_remote_code)
     lengths = [len(e["input_ids"]) for e in train_set]
     steps_per_epoch, total_steps = plan_steps(options, len(train_set))
     world.print(f"plan: {len(train_set)} examples, global batch {options.global_batch} = micro-batch "

@@ -20,11 +20,9 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def torchrun_prefix() -> list[str]:
-    """The torchrun of this Python environment, or `python -m torch.distributed.run` without one."""
-    torchrun = Path(sys.executable).parent / "torchrun"
-    if torchrun.is_file() and os.access(torchrun, os.X_OK):
-        return [str(torchrun)]
-    return [sys.executable, "-m", "torch.distributed.run"]
+    """torchrun of this Python environment, through dialogtrain.torchrun: the same arguments, but a
+    failed worker ends the launch with that worker's exit code and one line, not torchrun's traceback."""
+    return [sys.executable, "-m", "dialogtrain.torchrun"]
 
 
 def launch_argv(command: str, run_json: Path, nproc: int, port: int, max_restarts: int = 0) -> list[str]:
