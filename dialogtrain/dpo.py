@@ -341,23 +341,15 @@ def disable_dropout(model: torch.nn.Module) -> None:
             module.p = 0.0
 
 
-def check_options(options: RunOptions) -> None:
-    """Combinations the DPO options cannot express, refused before anything loads."""
-    if options.dpo.label_smoothing and options.dpo.loss != "sigmoid":
-        raise UserError(f"--label-smoothing {options.dpo.label_smoothing} applies to --loss sigmoid only, "
-                        f"not --loss {options.dpo.loss}")
-
-
 def train(run_json: Path, world: World):
     """The whole run. Returns the engine (tests compare its model with the export)."""
     options = RunOptions.load(run_json)
-    check_options(options)
     run_dir = run_json.parent
     seed_everything(options.schedule.seed)
     # The data first: a bad row stops the run in seconds, before a large model loads.
-    tokenizer = load_tokenizer(options.model.model, options.model.trust_remote_code)
+    tokenizer = load_tokenizer(options.model.model, options.model.trust_remote_code, options.model.chat_template)
     train_set, eval_set = setup_data(options, tokenizer, world)
-    model, tokenizer = load_model(options.model.model, options.model.trust_remote_code)
+    model, tokenizer = load_model(options.model.model, options.model.trust_remote_code, options.model.chat_template)
     disable_dropout(model)
     lengths = [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in train_set]
     steps_per_epoch, total_steps = plan_steps(options, len(train_set))

@@ -24,25 +24,26 @@ def resolve_model_path(model: str) -> str:
     return model  # a hub id: "org/name" or "name"
 
 
-def load_tokenizer(model: str, trust_remote_code: bool = False):
-    """The tokenizer, with pad = EOS when it has none (padding is then known from the attention mask)."""
+def load_tokenizer(model: str, trust_remote_code: bool = False, chat_template: str | None = None):
+    """The tokenizer, with pad = EOS when it has none (padding is then known from the attention mask)
+    and the chat template `--chat-template` asks for (formatting.set_chat_template)."""
     from transformers import AutoTokenizer
 
-    from dialogtrain.formatting import prepare_tokenizer
+    from dialogtrain.formatting import prepare_tokenizer, set_chat_template
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
     except OSError as err:
         raise UserError(f"could not load the tokenizer of {model!r}: {first_line(err)}") from None
-    return prepare_tokenizer(tokenizer)
+    return set_chat_template(prepare_tokenizer(tokenizer), chat_template)
 
 
-def load_model(model: str, trust_remote_code: bool = False):
+def load_model(model: str, trust_remote_code: bool = False, chat_template: str | None = None):
     """(model, tokenizer), weights in fp32 (DeepSpeed casts for bf16/fp16), KV cache off for training."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(model)
-    tokenizer = load_tokenizer(path, trust_remote_code)
+    tokenizer = load_tokenizer(path, trust_remote_code, chat_template)
     try:
         lm = AutoModelForCausalLM.from_pretrained(path, dtype="float32", trust_remote_code=trust_remote_code)
     except OSError as err:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dialogtrain.errors import UserError
+from dialogtrain.formatting import CHAT_TEMPLATE_NAMES
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 OFFLOADS = ("none", "optimizer", "optimizer+param")
@@ -38,9 +39,15 @@ class ModelOptions:
     model: str = ""
     ref_model: str | None = None
     trust_remote_code: bool = False
+    chat_template: str | None = None  # a name of CHAT_TEMPLATE_NAMES or a Jinja file; None: the model's
 
     def problems(self) -> list[str]:
-        return [] if self.model else [f"{flag('model')} is required"]
+        out = [] if self.model else [f"{flag('model')} is required"]
+        if self.chat_template and self.chat_template not in CHAT_TEMPLATE_NAMES \
+                and not Path(self.chat_template).is_file():
+            out.append(f"{flag('chat_template')} {self.chat_template}: neither {', '.join(CHAT_TEMPLATE_NAMES)} "
+                       f"nor a template file")
+        return out
 
 
 @dataclass(frozen=True)
@@ -135,6 +142,9 @@ class DPOOptions:
             out.append(f"{flag('loss')} must be one of {'|'.join(DPO_LOSSES)}, got {self.loss!r}")
         if not 0 <= self.label_smoothing < 0.5:
             out.append(f"{flag('label_smoothing')} must be in [0, 0.5), got {self.label_smoothing}")
+        elif self.label_smoothing and self.loss != "sigmoid":
+            out.append(f"{flag('label_smoothing')} {self.label_smoothing} applies to {flag('loss')} sigmoid only, "
+                       f"not {flag('loss')} {self.loss}")
         if self.rpo_alpha < 0:
             out.append(f"{flag('rpo_alpha')} must be >= 0, got {self.rpo_alpha}")
         return out

@@ -139,9 +139,9 @@ def train(run_json: Path, world: World):
     run_dir = run_json.parent
     seed_everything(options.schedule.seed)
     # The data first: a bad row stops the run in seconds, before a large model loads.
-    tokenizer = load_tokenizer(options.model.model, options.model.trust_remote_code)
+    tokenizer = load_tokenizer(options.model.model, options.model.trust_remote_code, options.model.chat_template)
     train_set, eval_set = setup_data(options, tokenizer, world)
-    model, tokenizer = load_model(options.model.model, options.model.trust_remote_code)
+    model, tokenizer = load_model(options.model.model, options.model.trust_remote_code, options.model.chat_template)
     lengths = [len(e["input_ids"]) for e in train_set]
     steps_per_epoch, total_steps = plan_steps(options, len(train_set))
     world.print(f"plan: {len(train_set)} examples, global batch {options.global_batch} = micro-batch "

@@ -21,6 +21,9 @@ HELP = {
     "model": "Hugging Face model id or local folder to fine-tune (required)",
     "ref_model": "frozen reference model [default: a copy of --model]",
     "trust_remote_code": "run Python code shipped with the model",
+    "chat_template": "chat format: model (its own template; none: DialoGPT style), dialogpt (each turn + "
+                     "EOS), user-assistant ('user: ...' / 'assistant: ...' lines) or a Jinja template file; "
+                     "the exported tokenizer keeps it",
     "data": "training data: a file, a folder of files, or a hub id name[:config][@split] (required)",
     "eval_data": "evaluation data, in the same forms as --data",
     "max_length": "tokens per example; longer conversations lose their oldest turns",
@@ -55,7 +58,7 @@ HELP = {
     "ds_config": "start from your own DeepSpeed config JSON (the flags still set the keys they own)",
 }
 METAVARS = {
-    "model": "MODEL", "ref_model": "MODEL", "data": "DATA", "eval_data": "DATA", "output": "RUN",
+    "model": "MODEL", "ref_model": "MODEL", "chat_template": "NAME|FILE", "data": "DATA", "eval_data": "DATA", "output": "RUN",
     "ds_config": "FILE", "gpus": "IDS|all|cpu", "precision": "|".join(PRECISIONS),
     "offload": "|".join(OFFLOADS), "loss": "|".join(DPO_LOSSES), "zero": "0|1|2|3",
 }

@@ -155,3 +155,31 @@ def test_run_json_holds_every_resolved_option(overfit_gpt2_run):
     options = json.loads((overfit_gpt2_run[0] / "run.json").read_text())
     assert options["optim"]["lr"] == 1e-2 and options["schedule"]["max_steps"] == 60
     assert options["launch"]["gpus"] == "cpu" and options["world_size"] == 1
+
+
+def test_seed_dpo_workflow_user_assistant_prompts_on_orca_pairs(gpt2_dir, tmp_path):
+    """The second workflow, on CPU: a GPT-2 chat model in the "user: ... / assistant: ..." format (made
+    here by SFT with --chat-template user-assistant), then DPO on Intel/orca_dpo_pairs-schema rows with
+    micro-batch 2 for 3 epochs (fp32: fp16 needs a GPU); the DPO export keeps the format for chat."""
+    from transformers import AutoTokenizer
+
+    from dialogtrain.formatting import USER_ASSISTANT_CHAT_TEMPLATE
+    from tests.test_dpo import QUESTIONS, write_orca_jsonl
+
+    sft_run, dpo_run = tmp_path / "chat-gpt2", tmp_path / "chat-gpt2-dpo"
+    train(gpt2_dir, write_pairs_csv(tmp_path / "pairs.csv"), sft_run, "--chat-template", "user-assistant",
+          "--max-steps", "4", "--lr", "1e-2")
+    done = dialogtrain("dpo", "--model", str(sft_run / "final"), "--data", str(write_orca_jsonl(tmp_path / "orca.jsonl",
+                       QUESTIONS[:6])), "--output", str(dpo_run), "--gpus", "cpu", "--precision", "fp32",
+                       "--micro-batch", "2", "--epochs", "3", "--lr", "1e-3", "--beta", "0.1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = read_metrics(dpo_run / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 10))  # 6 pairs / batch 2 x 3 epochs
+    assert [r["epoch"] for r in records] == [0] * 3 + [1] * 3 + [2] * 3
+    assert records[0]["loss"] == pytest.approx(0.6931472, abs=1e-6) and records[-1]["rewards/margins"] > 0
+    tokenizer = AutoTokenizer.from_pretrained(dpo_run / "final")
+    assert tokenizer.chat_template == USER_ASSISTANT_CHAT_TEMPLATE
+    assert tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                         add_generation_prompt=True) == "user: hi\nassistant:"
+    reply = dialogtrain("chat", str(dpo_run), "--greedy", "--max-new-tokens", "8", "--prompt", "hello there")
+    assert reply.returncode == 0 and reply.stdout.endswith("\n") and reply.stdout.count("\n") == 1, reply.stderr

@@ -88,13 +88,13 @@ def test_collate_preferences_puts_the_chosen_rows_first():
                                         [-100, 2, 3, 4]]
 
 
-def test_label_smoothing_outside_sigmoid_is_refused_before_loading(tmp_path):
-    from dialogtrain.errors import UserError
+def test_label_smoothing_outside_sigmoid_is_refused_with_the_options():
+    from dialogtrain.options import OptionsError, RunOptions
 
-    run_json = write_run_dir(tmp_path / "run", command="dpo", model=str(tmp_path / "missing"), data="x.jsonl",
-                             loss="hinge", label_smoothing=0.1, gpus="cpu")
-    with pytest.raises(UserError, match="--label-smoothing"):
-        train_in_process(run_json, "dpo")
+    with pytest.raises(OptionsError) as refused:
+        RunOptions.from_flat("dpo", {"model": "m", "data": "d", "output": "o", "loss": "hinge",
+                                     "label_smoothing": 0.1})
+    assert refused.value.problems == ["--label-smoothing 0.1 applies to --loss sigmoid only, not --loss hinge"]
 
 
 def test_first_step_with_reference_equal_to_policy_is_ln2_with_zero_rewards(gpt2_dir, tmp_path):

@@ -21,6 +21,7 @@ from dialogtrain.formatting import (
     render_conversation,
     render_preference,
     render_prompt,
+    set_chat_template,
     uses_chat_template,
 )
 
@@ -347,3 +348,54 @@ def test_encode_preferences_counts_what_it_cut(dialogpt):
     assert examples[0] == dict(zip(["chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"],
                                    expected[:4], strict=True))
     assert all(len(example[key]) <= max_length for example in examples for key in example)
+
+
+# ----------------------------------------------------------------------------------------------------
+# --chat-template: the plain-text "user: / assistant:" format of GPT-2 chat models, and the others
+
+
+@pytest.fixture
+def user_assistant(gpt2_dir):
+    from transformers import AutoTokenizer
+
+    return set_chat_template(prepare_tokenizer(AutoTokenizer.from_pretrained(gpt2_dir)), "user-assistant")
+
+
+def test_user_assistant_exact_ids_and_labels(user_assistant):
+    """"user: hi\nassistant: hello<EOS>\n": the reply with its leading space and its EOS are learned; the
+    newline after the EOS is not."""
+    tok, eos = user_assistant, user_assistant.eos_token_id
+    (u1, a1), (u2, a2) = EXCHANGES[:2]
+    ids, labels = render_conversation(tok, conversation([(u1, a1), (u2, a2)]))
+    prompt1, prompt2, nl = enc(tok, f"user: {u1}\nassistant:"), enc(tok, f"user: {u2}\nassistant:"), enc(tok, "\n")
+    reply1, reply2 = enc(tok, " " + a1) + [eos], enc(tok, " " + a2) + [eos]
+    assert ids == prompt1 + reply1 + nl + prompt2 + reply2 + nl
+    assert learned(labels) == reply1 + reply2
+    assert tok.decode(ids) == f"user: {u1}\nassistant: {a1}<|endoftext|>\nuser: {u2}\nassistant: {a2}<|endoftext|>\n"
+
+
+def test_user_assistant_prompt_ends_with_assistant_colon(user_assistant):
+    ids = render_prompt(user_assistant, [SYSTEM, {"role": "user", "content": "hello there"}])
+    assert user_assistant.decode(ids) == "system: you are a helpful bot\nuser: hello there\nassistant:"
+
+
+def test_user_assistant_preference_learns_the_completion_only(user_assistant):
+    tok, eos = user_assistant, user_assistant.eos_token_id
+    prompt = [{"role": "user", "content": "what is your name"}]
+    chosen_ids, chosen_labels, rejected_ids, rejected_labels, cut = render_preference(
+        tok, prompt, "my name is bot", "the quick brown fox", max_length=64)
+    head = enc(tok, "user: what is your name\nassistant:")
+    assert chosen_ids == head + enc(tok, " my name is bot") + [eos] and not cut
+    assert learned(chosen_labels) == enc(tok, " my name is bot") + [eos]
+    assert learned(rejected_labels) == enc(tok, " the quick brown fox") + [eos]
+    assert rejected_ids[:len(head)] == head
+
+
+def test_set_chat_template_choices(chatml, tmp_path):
+    own = chatml.chat_template
+    assert set_chat_template(chatml, None).chat_template == own
+    assert set_chat_template(chatml, "model").chat_template == own
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    assert set_chat_template(chatml, str(template)).chat_template == template.read_text()
+    assert set_chat_template(chatml, "dialogpt").chat_template is None and not uses_chat_template(chatml)
