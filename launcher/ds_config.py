@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from dialogtrain.errors import UserError
 from dialogtrain.options import OptionsError, RunOptions
 
-TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "ds_configs"
+# ds_configs/ beside the package in a checkout (or an editable install); a wheel installs it as data
+# files under <prefix>/share/dialogtrain/ (setup.cfg).
+_CHECKOUT_TEMPLATES = Path(__file__).resolve().parent.parent / "ds_configs"
+TEMPLATES_DIR = _CHECKOUT_TEMPLATES if _CHECKOUT_TEMPLATES.is_dir() else \
+    Path(sys.prefix) / "share" / "dialogtrain" / "ds_configs"
 OFFLOAD_TEMPLATES = {2: "zero2_offload.json", 3: "zero3_offload.json"}
 OFFLOADED_SECTIONS = {
     "none": (),
