@@ -20,6 +20,7 @@ import click
 
 from dialogtrain import __version__
 from dialogtrain.errors import UserError
+from dialogtrain.hardware import SLOW_BF16_NOTE, cpu_has_native_bf16
 from dialogtrain.options import LaunchOptions, OptionsError, RunOptions
 from launcher.devices import Devices, resolve_devices
 from launcher.ds_config import build_ds_config, load_template, overridden_settings, read_ds_config_file
@@ -102,6 +103,8 @@ def resolve_run(ctx: click.Context, command: str, config_path: str | None,
     if problems:
         raise OptionsError(list(dict.fromkeys(problems)))
     notes = [devices.notice] if devices.notice else []
+    if devices.kind == "cpu" and options.optim.precision == "bf16" and not cpu_has_native_bf16():
+        notes.append(SLOW_BF16_NOTE)
     if options.launch.ds_config:
         notes += [f"--ds-config {options.launch.ds_config}: {line}"
                   for line in overridden_settings(template, ds_config)]
