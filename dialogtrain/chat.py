@@ -7,8 +7,11 @@
 
 Each turn the whole history is rendered with the checkpoint's chat template (the DialoGPT template,
 every turn followed by EOS, when it has none) and the model generates until EOS or --max-new-tokens.
-When the history outgrows the context, the oldest whole exchanges are dropped (the system message
-stays). Interactive replies stream token by token; Ctrl-C stops the reply in progress, not the chat.
+When the history outgrows the context (the model's positions minus --max-new-tokens), the oldest whole
+exchanges are dropped (the system message stays) and the user is told once. Interactive replies
+stream token by token; Ctrl-C stops the reply in progress (a SIGINT handler sets a flag that a
+StoppingCriteria checks after every token), not the chat. Only safetensors weights are loaded, and
+code shipped with a model runs only with --trust-remote-code.
 
 Read top to bottom: loading, the prompt (budget, trimming), generation (plain, streamed), the two
 front ends (interactive session, piped lines), and `run_chat`, which the CLI calls.
@@ -17,13 +20,17 @@ front ends (interactive session, piped lines), and `run_chat`, which the CLI cal
 from __future__ import annotations
 
 import json
+import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
 from dialogtrain.errors import UserError
+from dialogtrain.hardware import cpu_has_native_bf16
 
 EXIT_WORDS = ("exit", "quit")
 DTYPE_NAMES = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
@@ -32,6 +39,7 @@ HELP = """commands:
   /reset          forget the conversation (the system message stays)
   /system TEXT    set the system message and start over (/system alone removes it)
   /history        print the conversation
+  /prompt         print the last prompt exactly as the model saw it (rendered with the chat template)
   /save FILE      write the conversation to FILE as JSON messages
   /help           this list
   exit, quit, Ctrl-D   leave;  Ctrl-C stops a reply in progress"""
@@ -81,26 +89,46 @@ class Sampling:
 # loading
 
 
+def notify(message: str) -> None:
+    """Notices go to stderr, so piped stdout holds replies only."""
+    print(message, file=sys.stderr, flush=True)
+
+
 def resolve_device(device: str) -> str:
-    """auto -> cuda when available, else cpu; an explicit device must exist."""
+    """auto -> cuda when available, else cpu; an explicit device must parse and exist."""
     import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device}: not a device (use auto, cpu, cuda or cuda:N)") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {device}: CUDA is not available on this machine (use --device cpu)")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UserError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
 def resolve_dtype(dtype: str, device: str):
-    """auto -> bf16 on a CUDA device that supports it, fp32 otherwise (bf16 on CPU only when asked)."""
+    """auto -> bf16 where the device computes it natively (a CUDA GPU that supports it, a CPU with AMX or
+    AVX512-BF16), fp32 otherwise; an explicit name is taken as given (bf16 on another CPU with a note:
+    emulated, it is far slower than fp32)."""
     import torch
 
-    if dtype == "auto":
-        cuda_bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    if dtype not in DTYPE_NAMES:
+    if dtype not in DTYPE_NAMES and dtype != "auto":
         raise UserError(f"--dtype {dtype}: choose auto, {', '.join(DTYPE_NAMES)}")
+    if device.startswith("cuda"):
+        native_bf16 = torch.cuda.is_bf16_supported()
+    else:
+        native_bf16 = device == "cpu" and cpu_has_native_bf16()
+    if dtype == "auto":
+        return torch.bfloat16 if native_bf16 else torch.float32
+    if DTYPE_NAMES[dtype] == "bfloat16" and device == "cpu" and not native_bf16:
+        notify("note: --dtype bf16: this CPU has no AMX or AVX512-BF16, so bf16 is emulated and far slower than "
+               "fp32 here; --dtype auto picks fp32")
     return getattr(torch, DTYPE_NAMES[dtype])
 
 
@@ -125,6 +153,11 @@ def resolve_checkpoint(checkpoint: str) -> Path:
                     f"`dialogtrain export {path}/checkpoints/TAG --output DIR` and chat with DIR")
         raise UserError(f"checkpoint {checkpoint}: no config.json, not a Hugging Face model folder{hint}")
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.safetensors.index.json")):
+        pickled = sorted(p.name for p in [*path.glob("*.bin"), *path.glob("*.pt"), *path.glob("*.pth")])
+        if pickled:
+            raise UserError(f"checkpoint {checkpoint}: {path} holds only pickled weights ({', '.join(pickled[:3])}); "
+                            "chat loads safetensors only, since unpickling a file can run code. Re-export it with "
+                            "`dialogtrain export`, or save it again with save_pretrained(DIR, safe_serialization=True)")
         raise UserError(f"checkpoint {checkpoint}: no *.safetensors weights in {path} "
                         "(chat loads safetensors only; re-export with `dialogtrain export`)")
     return path
@@ -217,6 +250,21 @@ class StopFlag:
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
+@contextmanager
+def ctrl_c_sets(event: threading.Event) -> Iterator[None]:
+    """Inside the block, Ctrl-C (SIGINT) sets `event` instead of raising KeyboardInterrupt, so the
+    generating thread stops at its next token and the chat goes on. Only the main thread can own a
+    signal handler; elsewhere the block changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: event.set())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def stop_token_ids(model, tokenizer) -> list[int]:
     """EOS of the tokenizer, then any extra end-of-turn ids of the generation config (deduplicated)."""
     ids = [tokenizer.eos_token_id]
@@ -255,15 +303,54 @@ def generate_reply(model, tokenizer, messages: list[dict], **sampling) -> str:
     return decode_reply(tokenizer, generate_ids(model, tokenizer, ids, options))
 
 
-def stream_reply(model, tokenizer, ids: list[int], sampling: Sampling, out: TextIO) -> tuple[str, bool]:
-    """Generate in a thread and write the text to `out` as it comes; Ctrl-C stops the reply.
+def token_streamer(tokenizer):
+    """A TextIteratorStreamer that yields text after every token, not every word.
 
-    Returns (reply, interrupted). The reply is decoded from the generated ids, so it is exactly what
-    `generate_ids` gives, whatever the streamer showed.
+    transformers' TextStreamer holds text back until a space, so what is shown lags a word behind.
+    This one only holds back what the next token may still change: an incomplete UTF-8 character
+    (decoded as U+FFFD until its last byte arrives) and trailing whitespace (a tokenizer that cleans
+    up spaces turns "hello" + " " + "." into "hello."). What it yields, joined, is the decoded reply.
     """
     from transformers import TextIteratorStreamer
 
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    class TokenStreamer(TextIteratorStreamer):
+        def put(self, value) -> None:
+            if self.skip_prompt and self.next_tokens_are_prompt:
+                self.next_tokens_are_prompt = False
+                return
+            self.token_cache.extend(value.reshape(-1).tolist())  # (1, n) or (n,)
+            text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+            if text.endswith("\n"):  # a finished line: flush it and start decoding afresh (as TextStreamer does)
+                shown, self.token_cache, self.print_len = text[self.print_len:], [], 0
+            elif text.endswith("\ufffd"):
+                return
+            else:
+                shown = text[self.print_len:len(text.rstrip())]
+                self.print_len += len(shown)
+            if shown:
+                self.on_finalized_text(shown)
+
+    return TokenStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+# C0 and C1 control characters, DEL included, shown as \xNN on a terminal (newline and tab kept):
+# the reply is untrusted text, and an escape sequence in it would drive the terminal.
+TERMINAL_ESCAPES = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if c not in (0x09, 0x0A)}
+
+
+def printable(text: str) -> str:
+    """`text` as it may be written to a terminal: control characters escaped as \\xNN."""
+    return text.translate(TERMINAL_ESCAPES)
+
+
+def stream_reply(model, tokenizer, ids: list[int], sampling: Sampling, out: TextIO) -> tuple[str, bool]:
+    """Generate in a thread and write the text to `out` token by token (`printable`); Ctrl-C stops it.
+
+    Returns (reply, interrupted). The reply is decoded from the generated ids, so it is exactly what
+    `generate_ids` gives, whatever the streamer showed. While streaming, SIGINT only sets the stop
+    flag (`ctrl_c_sets`); a KeyboardInterrupt raised anyway (off the main thread) sets it too.
+    """
+    streamer = token_streamer(tokenizer)
     stop = threading.Event()
     result: dict[str, Any] = {}
 
@@ -275,15 +362,16 @@ def stream_reply(model, tokenizer, ids: list[int], sampling: Sampling, out: Text
             streamer.end()
 
     worker = threading.Thread(target=generate, daemon=True)
-    worker.start()
-    interrupted = False
     try:
-        for text in streamer:
-            out.write(text)
-            out.flush()
+        with ctrl_c_sets(stop):
+            worker.start()
+            for text in streamer:
+                out.write(printable(text))
+                out.flush()
     except KeyboardInterrupt:
-        interrupted = True
+        stop.set()
     finally:
+        interrupted = stop.is_set()
         stop.set()  # a no-op when the reply ended by itself
         worker.join()
     if "error" in result:
@@ -293,11 +381,6 @@ def stream_reply(model, tokenizer, ids: list[int], sampling: Sampling, out: Text
 
 # ----------------------------------------------------------------------------------------------------
 # a bot and its conversation
-
-
-def notify(message: str) -> None:
-    """Notices go to stderr, so piped stdout holds replies only."""
-    print(message, file=sys.stderr, flush=True)
 
 
 @dataclass
@@ -310,6 +393,7 @@ class Bot:
     system: str | None = None
     history: list[dict] = field(default_factory=list)
     told_about_trimming: bool = False
+    last_prompt_ids: list[int] = field(default_factory=list)  # what the model saw last, for /prompt
 
     def __post_init__(self) -> None:
         self.reset()
@@ -341,12 +425,17 @@ class Bot:
                    "tokens are used")
         return ids[-budget:], kept
 
-    def answer(self, user_text: str, sampling: Sampling, stream_to: TextIO | None = None) -> str:
-        """The reply to `user_text` (streamed to `stream_to` when given), recorded in the history."""
+    def answer(self, user_text: str, sampling: Sampling, stream_to: TextIO | None = None, label: str = "") -> str:
+        """The reply to `user_text`, recorded in the history. With `stream_to`, `label` then the reply are
+        written there as it is generated (after any notice about the context, which goes to stderr);
+        a reply stopped by Ctrl-C ends with " [stopped]" there and is kept as far as it went."""
         ids, history = self.prompt_for(user_text, sampling)
+        self.last_prompt_ids = ids
         if stream_to is None:
             reply = decode_reply(self.tokenizer, generate_ids(self.model, self.tokenizer, ids, sampling))
         else:
+            stream_to.write(label)
+            stream_to.flush()
             reply, interrupted = stream_reply(self.model, self.tokenizer, ids, sampling, stream_to)
             if interrupted:
                 stream_to.write(" [stopped]")
@@ -389,9 +478,10 @@ def chat_session(bots: list[Bot], sampling: Sampling, out: TextIO | None = None)
             run_command(text, bots, out)
             continue
         for bot in bots:
-            out.write("bot> " if len(bots) == 1 else f"[{bot.name}] ")
-            out.flush()
-            bot.answer(text, sampling, stream_to=out)
+            try:
+                bot.answer(text, sampling, stream_to=out, label="bot> " if len(bots) == 1 else f"[{bot.name}] ")
+            except KeyboardInterrupt:  # Ctrl-C before the reply started streaming: nothing was recorded
+                out.write(" [stopped]")
             out.write("\n")
             out.flush()
 
@@ -415,8 +505,16 @@ def run_command(text: str, bots: list[Bot], out: TextIO) -> None:
             if not bot.history:
                 out.write("(empty)\n")
             for message in bot.history:
-                out.write(f"{message['role']}: {message['content']}\n")
-    elif command == "/save" and argument:
+                out.write(printable(f"{message['role']}: {message['content']}") + "\n")
+    elif command == "/prompt":
+        for bot in bots:
+            if len(bots) > 1:
+                out.write(f"== {bot.name} ==\n")
+            shown = bot.tokenizer.decode(bot.last_prompt_ids) if bot.last_prompt_ids else "(no prompt yet)\n"
+            out.write(printable(shown) + ("" if shown.endswith("\n") else "\n"))
+    elif command == "/save" and not argument:
+        out.write("(usage: /save FILE)\n")
+    elif command == "/save":
         conversation = bots[0].history if len(bots) == 1 else {bot.name: bot.history for bot in bots}
         try:
             Path(argument).expanduser().write_text(json.dumps(conversation, indent=2, ensure_ascii=False) + "\n")
@@ -446,16 +544,9 @@ def piped_session(bots: list[Bot], sampling: Sampling, lines: TextIO | None = No
     return 0
 
 
-def run_chat(checkpoint: str, *, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9,
-             top_k: int = 50, repetition_penalty: float = 1.0, greedy: bool = False, seed: int | None = None,
-             system: str | None = None, device: str = "auto", dtype: str = "auto", prompt: str | None = None,
-             compare: str | None = None, trust_remote_code: bool = False) -> int:
-    """Chat with CHECKPOINT (and COMPARE beside it): interactive on a terminal, line by line when piped,
-    one answer with `prompt`. Returns the exit code; problems a user can fix raise UserError."""
-    import torch
-
-    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                        repetition_penalty=repetition_penalty, greedy=greedy)
+def load_bots(checkpoint: str, compare: str | None, sampling: Sampling, *, system: str | None, device: str,
+              dtype: str, trust_remote_code: bool) -> list[Bot]:
+    """A Bot per checkpoint, named after its run folder (full paths when the names collide)."""
     checkpoints = [checkpoint] if compare is None else [checkpoint, compare]
     names = [checkpoint_name(c) for c in checkpoints]
     if len(set(names)) < len(names):
@@ -465,18 +556,32 @@ def run_chat(checkpoint: str, *, max_new_tokens: int = 256, temperature: float =
         model, tokenizer = load_chat_model(path, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
         context_budget(model, tokenizer, sampling.max_new_tokens)  # refuse a reply longer than the context now
         bots.append(Bot(name, model, tokenizer, system=system))
-    if seed is not None:
-        torch.manual_seed(seed)
+    return bots
 
-    if prompt is not None:
-        for bot in bots:
-            reply = one_line(bot.answer(prompt, sampling))
-            print(f"{bot.name}: {reply}" if len(bots) > 1 else reply, flush=True)
-        return 0
-    if sys.stdin.isatty():
-        return chat_session(bots, sampling)
+
+def run_chat(checkpoint: str, *, max_new_tokens: int = 256, temperature: float = 0.7, top_p: float = 0.9,
+             top_k: int = 50, repetition_penalty: float = 1.0, greedy: bool = False, seed: int | None = None,
+             system: str | None = None, device: str = "auto", dtype: str = "auto", prompt: str | None = None,
+             compare: str | None = None, trust_remote_code: bool = False) -> int:
+    """Chat with CHECKPOINT (and COMPARE beside it): interactive on a terminal, line by line when piped,
+    one answer with `prompt`. Returns the exit code; problems a user can fix raise UserError."""
+    sampling = Sampling(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                        repetition_penalty=repetition_penalty, greedy=greedy)
     try:
-        return piped_session(bots, sampling)
-    except KeyboardInterrupt:
-        return 130
+        bots = load_bots(checkpoint, compare, sampling, system=system, device=device, dtype=dtype,
+                         trust_remote_code=trust_remote_code)
+        if seed is not None:
+            import torch
 
+            torch.manual_seed(seed)
+        if prompt is not None:
+            for bot in bots:
+                reply = one_line(bot.answer(prompt, sampling))
+                print(f"{bot.name}: {reply}" if len(bots) > 1 else reply, flush=True)
+            return 0
+        if sys.stdin.isatty():
+            return chat_session(bots, sampling)
+        return piped_session(bots, sampling)
+    except KeyboardInterrupt:  # Ctrl-C while loading, or in a script: leave quietly, as a shell expects
+        print(file=sys.stderr)
+        return 130

@@ -1,0 +1,151 @@
+"""`dialogtrain chat` in real child processes: on a pseudo-terminal driven by pexpect (streamed replies
+read from the screen, readline editing and history, /prompt, /reset, Ctrl-C, exit code 0), and with
+stdin and stdout as pipes (replies only on stdout, one line per message).
+
+The terminal child slows every forward pass of the tiny Llama by SLOW_TOKEN_S, so that a reply takes
+visibly long: the test sees its first token long before its end (streaming) and has time to press
+Ctrl-C in the middle of one.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from dialogtrain.chat import load_chat_model, printable
+from dialogtrain.formatting import render_prompt
+
+REPO = Path(__file__).resolve().parent.parent
+MAX_NEW_TOKENS = 40
+SLOW_TOKEN_S = 0.03
+
+# `dialogtrain chat ARGS...` with a slowed model; argv after -c are the chat arguments.
+SLOW_CHAT = f"""
+import sys, time
+from transformers import LlamaForCausalLM
+forward = LlamaForCausalLM.forward
+def slow_forward(self, *args, **kwargs):
+    time.sleep({SLOW_TOKEN_S})
+    return forward(self, *args, **kwargs)
+LlamaForCausalLM.forward = slow_forward
+from launcher.cli import main
+sys.argv = ["dialogtrain", "chat", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.fixture(scope="module")
+def llama(llama_dir):
+    return load_chat_model(str(llama_dir), device="cpu", dtype="fp32")
+
+
+def greedy_ids(model, tokenizer, messages: list[dict], max_new_tokens: int) -> list[int]:
+    """model.generate's greedy continuation of the rendered `messages`."""
+    import torch
+
+    ids = render_prompt(tokenizer, messages)
+    output = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                            do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=tokenizer.pad_token_id)
+    return output[0, len(ids):].tolist()
+
+
+def exchange(model, tokenizer, history: list[dict], text: str) -> tuple[list[dict], str]:
+    """(history after the bot answers `text`, the reply as the terminal shows it: CRLF line ends)."""
+    history = [*history, {"role": "user", "content": text}]
+    new_ids = greedy_ids(model, tokenizer, history, MAX_NEW_TOKENS)
+    reply = tokenizer.decode(new_ids, skip_special_tokens=True)
+    history.append({"role": "assistant", "content": reply.strip()})
+    return history, printable(reply).replace("\n", "\r\n")
+
+
+def on_terminal(text: str) -> str:
+    return printable(text).replace("\n", "\r\n")
+
+
+def read_reply(child) -> tuple[str, float]:
+    """The streamed reply after "bot> ", and the seconds between its first visible character and its end."""
+    child.expect_exact("bot> ")
+    child.expect(r"\S")
+    first_seen, start = time.monotonic(), child.after
+    child.expect_exact("\r\nyou> ")
+    return start + child.before, time.monotonic() - first_seen
+
+
+def test_real_terminal_session(llama_dir, llama, tmp_path):
+    pexpect = pytest.importorskip("pexpect")
+    model, tokenizer = llama
+    (tmp_path / "inputrc").write_text("set enable-bracketed-paste off\n")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TERM": "xterm", "INPUTRC": str(tmp_path / "inputrc"),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = [str(llama_dir), "--greedy", "--max-new-tokens", str(MAX_NEW_TOKENS), "--device", "cpu", "--dtype", "fp32"]
+    child = pexpect.spawn(sys.executable, ["-c", SLOW_CHAT, *args], cwd=str(REPO), env=env, encoding="utf-8",
+                          codec_errors="replace", timeout=240, dimensions=(50, 250))
+    try:
+        child.expect_exact("you> ")
+        # readline line editing: a typo rubbed out with backspace
+        child.send("hello therx\x7fe\r")
+        history, expected = exchange(model, tokenizer, [], "hello there")
+        shown, streaming_s = read_reply(child)
+        assert shown == expected
+        # streamed token by token: the end came (MAX_NEW_TOKENS - 1) slowed tokens after the first one
+        assert streaming_s > 0.5 * (MAX_NEW_TOKENS - 1) * SLOW_TOKEN_S
+
+        # readline history: the up arrow brings back "hello there"; the reply sees the first exchange
+        child.send("\x1b[A\r")
+        history, expected = exchange(model, tokenizer, history, "hello there")
+        assert read_reply(child)[0] == expected
+        child.sendline("/prompt")  # the rendered prompt of the last reply, chat template and all
+        child.expect_exact(on_terminal(tokenizer.decode(render_prompt(tokenizer, history[:-1]))) + "you> ")
+
+        child.sendline("/reset")
+        child.expect_exact("(conversation cleared)\r\nyou> ")
+        history, expected = exchange(model, tokenizer, [], "what is your name")
+        child.sendline("what is your name")
+        assert read_reply(child)[0] == expected
+        child.sendline("/prompt")  # only the message after /reset
+        child.expect_exact("\r\n<|im_start|>user\r\nwhat is your name<|im_end|>\r\n<|im_start|>assistant\r\n"
+                           "you> ")
+
+        # Ctrl-C stops the reply in progress, the chat goes on with what was shown
+        _, full = exchange(model, tokenizer, history, "tell me a joke please")
+        child.sendline("tell me a joke please")
+        child.expect_exact("bot> ")
+        child.expect(r"\S")
+        first_seen = child.after
+        child.sendintr()
+        child.expect_exact(" [stopped]\r\nyou> ")
+        partial = (first_seen + child.before).replace("^C", "")  # the terminal echoes Ctrl-C as ^C
+        assert 0 < len(partial) < len(full) // 2 and full.startswith(partial.rstrip("\ufffd"))
+        # Ctrl-C at the prompt does not end the chat either
+        child.sendintr()
+        child.expect_exact("(Ctrl-D or exit to leave)")
+        child.sendline("/history")
+        child.expect_exact("user: tell me a joke please\r\nassistant: ")
+        child.expect_exact("you> ")
+        child.sendline("exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.before
+
+
+def test_piped_stdin_prints_one_line_per_message_and_nothing_else(llama_dir, llama):
+    """A real pipe into `python -m launcher.cli chat`: stdout holds exactly the replies, one line each; a blank
+    line answers a blank line; exit stops reading."""
+    model, tokenizer = llama
+    done = subprocess.run([sys.executable, "-m", "launcher.cli", "chat", str(llama_dir), "--greedy",
+                           "--max-new-tokens", "10", "--device", "cpu"],
+                          input="hello there\nwhat is your name\n\nexit\nignored\n", capture_output=True, text=True,
+                          timeout=300, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    first = tokenizer.decode(greedy_ids(model, tokenizer, [{"role": "user", "content": "hello there"}], 10),
+                             skip_special_tokens=True).strip()
+    history = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": first},
+               {"role": "user", "content": "what is your name"}]
+    second = tokenizer.decode(greedy_ids(model, tokenizer, history, 10), skip_special_tokens=True).strip()
+    assert done.stdout == "\n".join([" ".join(first.splitlines()), " ".join(second.splitlines()), "", ""])
