@@ -15,17 +15,35 @@ import torch
 
 from dialogtrain.formatting import IGNORE_INDEX
 
+# Global batches per length-sorted window: wide enough that neighbours have nearly equal lengths,
+# narrow enough that every part of the data set still mixes into every part of the epoch.
+LENGTH_WINDOW = 32
 
-def step_batches(num_examples: int, global_batch: int, seed: int, epoch: int) -> list[list[int]]:
+
+def step_batches(num_examples: int, global_batch: int, seed: int, epoch: int,
+                 lengths: Sequence[int] | None = None) -> list[list[int]]:
     """Shuffle `range(num_examples)` with (seed, epoch) and cut it into full global batches.
 
     The incomplete tail is dropped (it would give some ranks empty micro-batches).
     Example: step_batches(5, 2, seed, 0) -> e.g. [[3, 0], [4, 1]] (one example left out).
+
+    With `lengths`, batches are length-grouped so padding is not computed: the shuffled order is cut
+    into windows of LENGTH_WINDOW global batches, each window sorted by length and cut into batches,
+    and the batches of the epoch are shuffled again (so short and long steps alternate). Each step
+    is still a function of (seed, epoch) only.
     """
+    rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(num_examples))
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    rng.shuffle(order)
     usable = num_examples - num_examples % global_batch
-    return [order[i:i + global_batch] for i in range(0, usable, global_batch)]
+    if lengths is None:
+        return [order[i:i + global_batch] for i in range(0, usable, global_batch)]
+    window = LENGTH_WINDOW * global_batch
+    grouped = [i for start in range(0, num_examples, window)
+               for i in sorted(order[start:start + window], key=lambda i: lengths[i])]
+    batches = [grouped[i:i + global_batch] for i in range(0, num_examples - global_batch + 1, global_batch)]
+    rng.shuffle(batches)
+    return batches[:usable // global_batch]
 
 
 def micro_batches_of_rank(step: Sequence[int], lengths: Sequence[int], rank: int, world_size: int,

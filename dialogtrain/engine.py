@@ -84,3 +84,25 @@ def gradient_norm(model: torch.nn.Module) -> float:
 
 def is_finite(value: float) -> bool:
     return math.isfinite(value)
+
+
+def learned_logits(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits where the losses read them: (N, V) at losses.learned_positions(labels), the
+    LM head never run elsewhere (for SmolLM2's 49k vocabulary, the head and its log-softmax over every
+    position cost a fifth of the step); (B, T, V) everywhere for a model whose forward lacks
+    transformers' `logits_to_keep`. losses.sequence_logps takes either.
+    """
+    from dialogtrain.losses import learned_positions
+
+    keep = {"logits_to_keep": learned_positions(batch["labels"])} if keeps_logits(engine.module) else {}
+    return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **keep).logits
+
+
+def keeps_logits(model: torch.nn.Module) -> bool:
+    """Does `model.forward` take a boolean (B, T) `logits_to_keep` (transformers >= 5.x causal LMs)?"""
+    import inspect
+
+    from transformers import modeling_utils
+
+    return ("logits_to_keep" in inspect.signature(model.forward).parameters
+            and "boolean" in (getattr(modeling_utils, "slice_logits_to_keep", None).__doc__ or ""))

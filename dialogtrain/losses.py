@@ -26,12 +26,46 @@ def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tenso
     return -nll.view_as(targets), targets != IGNORE_INDEX
 
 
+def learned_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) bool: position t of row b predicts a learned token (labels[b, t+1] != -100); the last
+    column is False. The only logits any loss reads: give it to the model as `logits_to_keep` and
+    the LM head (for a 49k vocabulary, a fifth of a 135M model's FLOPs) runs nowhere else.
+
+    labels [[-100, 5, -100, 7]] -> [[True, False, True, False]]
+    """
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def learned_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logps (N,), rows (N,)) of the N learned tokens from logits computed at learned_positions only.
+
+    logits: (N, V), the rows of a (B, T, V) logits tensor at learned_positions(labels) in row-major
+    order (what transformers returns for `logits_to_keep=learned_positions(labels)`); labels: (B, T).
+    logps[i] = log softmax(logits[i])[next token], fp32; rows[i] = its sequence b.
+    """
+    keep = learned_positions(labels)  # (B, T)
+    if logits.dim() != 2 or logits.size(0) != int(keep.sum()):
+        raise ValueError(f"(N, V) logits at the {int(keep.sum())} learned positions of labels {tuple(labels.shape)} "
+                         f"expected, got {tuple(logits.shape)}")
+    targets = labels[:, 1:][keep[:, :-1]]  # (N,), row-major like the logits
+    nll = F.cross_entropy(logits.float(), targets, reduction="none")
+    return -nll, keep.nonzero()[:, 0]
+
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sum of target-token log-probs and the number of target tokens.
 
-    logits: (B, T, V); labels: (B, T). Returns (logps (B,), n_tokens (B,)), fp32 and int64.
+    logits: (B, T, V) at every position, or (N, V) at learned_positions(labels) only (the fast path:
+    no logits, log-softmax or gradient for positions nothing learns); labels: (B, T).
+    Returns (logps (B,), n_tokens (B,)), fp32 and int64.
     The one log-prob primitive: SFT loss and evaluation, and DPO, all use it.
     """
+    if logits.dim() == 2:
+        logps, rows = learned_token_logps(logits, labels)
+        totals = torch.zeros(labels.size(0), dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
+        return totals, learned_positions(labels).sum(-1)
     logps, mask = token_logps(logits, labels)
     return logps.sum(-1), mask.sum(-1)
 
@@ -43,7 +77,8 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, step_target_tokens: int
 
     N_step counts target tokens over every micro-batch and rank of the optimizer step, so summing
     the micro-batch losses gives the step's mean token loss however the step is split.
-    logits: (B, T, V); labels: (B, T); returns a scalar.
+    logits: (B, T, V) or (N, V) at learned_positions(labels), as sequence_logps; labels: (B, T);
+    returns a scalar.
     """
     logps, _ = sequence_logps(logits, labels)
     return -logps.sum() / step_target_tokens

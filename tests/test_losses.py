@@ -45,3 +45,27 @@ def test_bf16_logits_are_scored_in_fp32():
 def test_shape_mismatch_is_refused():
     with pytest.raises(ValueError, match="labels"):
         token_logps(LOGITS, LABELS[:, :3])
+
+
+def test_logits_at_learned_positions_only_give_the_same_logps_and_gradients():
+    """The fast path (logits computed only where a token is learned, as the loops ask the model for)
+    equals the full one: values, counts and gradients."""
+    from dialogtrain.losses import learned_positions
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 7, 11, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 7))
+    labels[:, :3] = -100
+    labels[1, 5:] = -100
+    labels[2] = -100
+    labels[2, 2] = 4
+    keep = learned_positions(labels)
+    assert keep[2].tolist() == [False, True, False, False, False, False, False]
+    full, n_full = sequence_logps(logits, labels)
+    fast, n_fast = sequence_logps(logits[keep], labels)
+    assert torch.allclose(full, fast) and n_full.tolist() == n_fast.tolist() == [4, 2, 1]
+    grad_full = torch.autograd.grad(sft_loss(logits, labels, 7), logits)[0]
+    grad_fast = torch.autograd.grad(sft_loss(logits[keep], labels, 7), logits)[0]
+    assert torch.allclose(grad_full, grad_fast)
+    with pytest.raises(ValueError, match="learned positions"):
+        sequence_logps(logits[keep][:-1], labels)
