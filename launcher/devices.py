@@ -1,15 +1,19 @@
-"""Which devices a run uses (`--gpus 0,1,3 | all | cpu`, `--nproc N`), decided without importing torch."""
+"""Which devices and hosts a run uses (`--gpus 0,1,3 | all | cpu`, `--nproc N`, `--nnodes N`, `--hostfile
+FILE`), decided without importing torch."""
 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from dialogtrain.errors import UserError
 
 FAKE_GPUS_ENV = "DIALOGTRAIN_FAKE_GPUS"  # tests: pretend this many GPUs exist, skip nvidia-smi
+HOSTFILE_LINE = re.compile(r"(\S+)\s+slots=(\d+)")  # `worker-1 slots=8`, DeepSpeed's (and MPI's) format
 
 
 @dataclass(frozen=True)
@@ -20,6 +24,8 @@ class Devices:
     (empty on the CPU). nproc: processes to start (one per GPU id, or `--nproc` on the CPU).
     cuda_visible_devices: the value for CUDA_VISIBLE_DEVICES ("" on the CPU). notice: one line
     to show the user when their request was changed (no GPU, so the CPU), else None.
+    hosts: (host, slots) from `--hostfile`, in its order; then nproc is the largest slots (the
+    busiest host, for splitting CPU threads) and each host's slots pick its GPUs 0..slots-1.
     """
 
     kind: str
@@ -27,6 +33,11 @@ class Devices:
     nproc: int
     notice: str | None = None
     cuda_visible_devices: str = ""
+    hosts: tuple[tuple[str, int], ...] = ()
+
+    def world_size(self, nnodes: int = 1) -> int:
+        """Processes in the whole run: the slots of every host, or nproc on each of `nnodes` nodes."""
+        return sum(slots for _, slots in self.hosts) if self.hosts else self.nproc * nnodes
 
 
 def visible_gpus(environ: Mapping[str, str] | None = None) -> list[str]:
@@ -115,3 +126,51 @@ def _on_gpus(ids: list[int], nproc: int, available: list[str], gpus: str) -> Dev
 
 def _id_range(count: int) -> str:
     return "0" if count == 1 else f"0-{count - 1}"
+
+
+def read_hostfile(path: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """((host, slots) in file order, problems) of a hostfile; every problem names --hostfile and the line.
+
+    Lines are `host slots=K` (K >= 1); blank lines and `#` comments are skipped. A host listed twice,
+    a line of another shape and a file without hosts are problems, as DeepSpeed would refuse them later.
+    """
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return [], [f"--hostfile {path}: no such file"]
+    except (OSError, UnicodeDecodeError) as err:
+        return [], [f"--hostfile {path}: cannot read it ({getattr(err, 'strerror', None) or err})"]
+    hosts, seen, problems = [], {}, []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        match = HOSTFILE_LINE.fullmatch(line)
+        if not match:
+            problems.append(f"--hostfile {path} line {number}: expected 'host slots=K', got {line!r}")
+        elif int(match.group(2)) < 1:
+            problems.append(f"--hostfile {path} line {number}: slots must be >= 1, got {match.group(2)}")
+        elif match.group(1) in seen:
+            problems.append(f"--hostfile {path} line {number}: host {match.group(1)} is already on line "
+                            f"{seen[match.group(1)]}")
+        else:
+            seen[match.group(1)] = number
+            hosts.append((match.group(1), int(match.group(2))))
+    if not hosts and not problems:
+        problems.append(f"--hostfile {path}: no hosts (expected lines like 'worker-1 slots=8')")
+    return hosts, problems
+
+
+def resolve_hosts(gpus: str, nproc: int, hosts: list[tuple[str, int]]) -> Devices:
+    """Devices of a `--hostfile` run: `--gpus all` (each host's GPUs 0..slots-1) or `--gpus cpu` (slots
+    CPU processes per host). The hosts are other machines, so nothing is looked up here. Raises
+    UserError naming the flag for GPU ids or `--nproc`, which the slots decide instead."""
+    spec = gpus.strip().lower()
+    if spec not in ("all", "cpu"):
+        raise UserError(f"--gpus {gpus} with --hostfile: the slots of each host pick its GPUs (slots=K: GPUs "
+                        f"0..K-1); use --gpus all, or --gpus cpu for CPU processes")
+    if nproc > 1:
+        raise UserError(f"--nproc {nproc} with --hostfile: slots=K in the hostfile sets the processes of each host")
+    busiest = max(slots for _, slots in hosts)
+    return Devices("cuda" if spec == "all" else "cpu", [], busiest, hosts=tuple(hosts))
+

@@ -35,7 +35,7 @@ STEPS_PER_PRINT_NEVER = 2**31 - 1  # the progress bar and metrics.jsonl report s
 
 # Config keys the flags always set, replacing a value in a user's --ds-config, and the flag that sets each.
 OWNED_KEYS = {
-    "train_batch_size": "--micro-batch x --grad-accum x processes",
+    "train_batch_size": "--micro-batch x --grad-accum x processes of all nodes",
     "train_micro_batch_size_per_gpu": "--micro-batch",
     "gradient_accumulation_steps": "--grad-accum",
     "fp16.enabled": "--precision",
@@ -180,8 +180,8 @@ def consistency_problems(config: dict, world_size: int) -> list[str]:
     problems = []
     micro, accum = config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]
     if config["train_batch_size"] != micro * accum * world_size:
-        problems.append(f"train_batch_size {config['train_batch_size']} != micro-batch {micro} x grad-accum "
-                        f"{accum} x {world_size} processes")
+        problems.append(f"train_batch_size {config['train_batch_size']} != --micro-batch {micro} x --grad-accum "
+                        f"{accum} x {world_size} processes (all nodes)")
     if config["fp16"].get("enabled") and config["bf16"].get("enabled"):
         problems.append("fp16 and bf16 are both enabled")
     zero = config["zero_optimization"]

@@ -18,6 +18,7 @@ from dialogtrain.errors import UserError
 from dialogtrain.options import PRECISIONS, OptionsError, RunOptions
 from launcher.ds_config import (
     FP16_LOSS_SCALING,
+    OWNED_KEYS,
     TEMPLATES_DIR,
     build_ds_config,
     consistency_problems,
@@ -151,7 +152,7 @@ def test_a_user_config_keeps_its_settings_and_the_flags_own_their_keys(tmp_path)
     assert config["scheduler"] == user["scheduler"]
     assert config["activation_checkpointing"] == user["activation_checkpointing"]
     assert overridden_settings(user, config) == [
-        "train_batch_size 64 -> 16 (--micro-batch x --grad-accum x processes)",
+        "train_batch_size 64 -> 16 (--micro-batch x --grad-accum x processes of all nodes)",
         "optimizer.params.lr 0.1 -> 2e-05 (--lr)",
     ]  # "auto" and equal values are not listed
 
@@ -178,7 +179,7 @@ def test_consistency_check_catches_a_wrong_train_batch_size():
     config = build_ds_config(run_options(world_size=2), {})
     assert consistency_problems(config, 2) == []
     assert consistency_problems({**config, "train_batch_size": 12}, 2) == [
-        "train_batch_size 12 != micro-batch 4 x grad-accum 2 x 2 processes"]
+        "train_batch_size 12 != --micro-batch 4 x --grad-accum 2 x 2 processes (all nodes)"]
 
 
 @pytest.mark.parametrize("content,message", [
@@ -193,3 +194,12 @@ def test_unreadable_user_config_names_ds_config(tmp_path, content, message):
     with pytest.raises(UserError, match="--ds-config") as refused:
         read_ds_config_file(str(path))
     assert message in str(refused.value)
+
+
+def test_the_templates_readme_names_every_template_and_every_key_the_flags_own():
+    readme = (TEMPLATES_DIR / "README.md").read_text()
+    names = sorted(path.name for path in TEMPLATES_DIR.glob("*.json"))
+    assert names == ["zero0.json", "zero1.json", "zero2.json", "zero2_offload.json", "zero3.json",
+                     "zero3_offload.json"]
+    assert [name for name in names if f"`{name}`" not in readme] == []
+    assert [key for key in OWNED_KEYS if f"`{key}`" not in readme] == []

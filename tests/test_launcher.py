@@ -17,11 +17,11 @@ from click.testing import CliRunner
 
 from dialogtrain.errors import UserError
 from dialogtrain.options import SECTIONS, RunOptions
-from launcher import cli as cli_module
 from launcher.cli import cli
-from launcher.devices import FAKE_GPUS_ENV, parse_gpu_ids, resolve_devices, visible_gpus
+from launcher.devices import FAKE_GPUS_ENV, parse_gpu_ids, read_hostfile, resolve_devices, visible_gpus
 from launcher.ds_config import build_ds_config, load_template
 from launcher.flags import HELP, command_fields
+from launcher.launch import deepspeed_env, write_deepspeed_env
 
 REPO = Path(__file__).resolve().parent.parent
 HEAVY_MODULES = ("torch", "deepspeed", "transformers", "datasets")
@@ -93,12 +93,23 @@ def test_dpo_takes_its_own_flags(tmp_path):
 # --- devices and the launch command -----------------------------------------------------------------
 
 def test_dry_run_on_chosen_gpus(tmp_path):
-    result = invoke(*sft_args(tmp_path / "run", "--gpus", "0,2", "--precision", "fp16", "--dry-run"), gpus=4)
+    run_dir = tmp_path / "run"
+    result = invoke(*sft_args(run_dir, "--gpus", "0,2", "--precision", "fp16", "--master-port", "29555",
+                              "--dry-run"), gpus=4)
     assert result.exit_code == 0, result.output
-    assert "CUDA_VISIBLE_DEVICES=0,2 " in result.output
-    assert "--nnodes 1 --nproc-per-node 2 --master-addr 127.0.0.1 --master-port " in result.output
+    command = exec_line(dry_run_sections(result.stdout)["command.sh"])
+    assert command == (f"CUDA_VISIBLE_DEVICES=0,2 PYTHONUNBUFFERED=1 exec {sys.executable} -m dialogtrain.torchrun "
+                       f"--nnodes 1 --node-rank 0 --nproc-per-node 2 --master-addr 127.0.0.1 --master-port 29555 "
+                       f"--max-restarts 0 -m dialogtrain.sft {run_dir.resolve() / 'run.json'}")
     assert "global batch 8 = micro-batch 4 x grad-accum 1 x 2 processes" in result.output
-    assert not (tmp_path / "run").exists()
+    assert not run_dir.exists()
+
+
+def test_all_gpus_get_one_process_each(tmp_path):
+    result = invoke(*sft_args(tmp_path / "run", "--gpus", "all", "--dry-run"), gpus=3)
+    assert result.exit_code == 0, result.output
+    assert "CUDA_VISIBLE_DEVICES=0,1,2 " in result.output and "--nproc-per-node 3 " in result.output
+    assert '"world_size": 3' in result.output
 
 
 def test_one_gpu_id_without_a_gpu_falls_back_to_the_cpu(tmp_path):
@@ -107,6 +118,11 @@ def test_one_gpu_id_without_a_gpu_falls_back_to_the_cpu(tmp_path):
     assert "note: --gpus 0: no GPU found (nvidia-smi lists none): running on the CPU" in result.output
     assert "CUDA_VISIBLE_DEVICES='' DS_ACCELERATOR=cpu " in result.output
     assert "--nproc-per-node 1 " in result.output
+
+
+def test_gpu_ids_that_do_not_exist_are_one_clear_error(tmp_path):
+    assert_refused(invoke(*sft_args(tmp_path / "run", "--gpus", "1,3", "--dry-run"), gpus=2),
+                   "--gpus 1,3: no GPU 3 (this machine shows 2: 0-1)")
 
 
 def test_cpu_processes_share_the_cores(tmp_path, monkeypatch):
@@ -146,6 +162,156 @@ def test_visible_gpus_honours_cuda_visible_devices(monkeypatch):
     assert visible_gpus({FAKE_GPUS_ENV: "2", "CUDA_VISIBLE_DEVICES": "5"}) == ["0", "1"]
     monkeypatch.setattr("launcher.devices.count_nvidia_smi_gpus", lambda: 0)
     assert visible_gpus({"CUDA_VISIBLE_DEVICES": "0,1"}) == []
+
+
+# --- several nodes: torchrun static rendezvous -----------------------------------------------------
+
+def node_args(run_dir: Path, *more: str) -> list[str]:
+    return sft_args(run_dir, "--gpus", "cpu", "--nproc", "2", "--nnodes", "2", "--master-addr", "10.1.2.3",
+                    *more, "--dry-run")
+
+
+def test_every_node_writes_the_same_run_folder(tmp_path):
+    """run.json, ds_config.json and command.sh are the same bytes on every node (a shared --output is
+    fine); command.sh takes the node rank from $NODE_RANK; the global batch counts every node."""
+    run_dir = tmp_path / "run"
+    nodes = [invoke(*node_args(run_dir, "--node-rank", str(rank)), env={"OMP_NUM_THREADS": "1"})
+             for rank in (0, 1)]
+    assert [node.exit_code for node in nodes] == [0, 0], nodes[0].output + nodes[1].output
+    sections = [dry_run_sections(node.stdout) for node in nodes]
+    assert sections[0] == sections[1]
+    options = json.loads(sections[0]["run.json"])
+    assert options["world_size"] == 4
+    assert (options["launch"]["nnodes"], options["launch"]["master_addr"]) == (2, "10.1.2.3")
+    assert json.loads(sections[0]["ds_config.json"])["train_batch_size"] == 4 * 1 * 4
+    script = sections[0]["command.sh"].splitlines()
+    cd_line = script.index(exec_line(sections[0]["command.sh"])) - 1
+    assert script[cd_line:cd_line + 2] == [f"cd {Path.cwd()}", (
+        f"CUDA_VISIBLE_DEVICES='' DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 exec {sys.executable} "
+        f'-m dialogtrain.torchrun --nnodes 2 --node-rank "$NODE_RANK" --nproc-per-node 2 --master-addr 10.1.2.3 '
+        f"--master-port 29500 --max-restarts 0 -m dialogtrain.sft {run_dir.resolve() / 'run.json'}")]
+    assert ': "${NODE_RANK:?set NODE_RANK to the rank of this node, 0 to 1}"' in script
+    assert "global batch 16 = micro-batch 4 x grad-accum 1 x 4 processes (2 nodes x 2)" in nodes[1].stdout
+
+
+def test_the_command_script_refuses_to_run_without_a_node_rank(tmp_path):
+    run_dir = tmp_path / "run"
+    script = dry_run_sections(invoke(*node_args(run_dir, "--node-rank", "0")).stdout)["command.sh"]
+    path = tmp_path / "command.sh"
+    path.write_text(script.replace(" exec ", " exec echo "))  # the launch itself is not under test
+    unset = subprocess.run(["bash", str(path)], capture_output=True, text=True, env={"PATH": os.environ["PATH"]})
+    assert unset.returncode != 0 and "set NODE_RANK to the rank of this node" in unset.stderr
+    node1 = subprocess.run(["bash", str(path)], capture_output=True, text=True,
+                           env={"PATH": os.environ["PATH"], "NODE_RANK": "1"})
+    assert node1.returncode == 0 and "--nnodes 2 --node-rank 1 " in node1.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--nnodes", "2", "--node-rank", "1"], "--nnodes 2 needs --master-addr: the address of node 0"),
+    (["--nnodes", "2", "--master-addr", "h0"], "--nnodes 2 needs --node-rank: 0 on the node at --master-addr, "
+                                               "1 on the other"),
+    (["--nnodes", "3", "--master-addr", "h0", "--node-rank", "3"], "--node-rank 3 must be below --nnodes 3"),
+    (["--nnodes", "0"], "--nnodes must be >= 1, got 0"),
+], ids=["no master", "no node rank", "rank too high", "no nodes"])
+def test_multi_node_refusals_name_the_flag(tmp_path, args, message):
+    assert_refused(invoke(*sft_args(tmp_path / "run", "--gpus", "cpu", *args, "--dry-run")), message)
+
+
+def test_the_master_port_is_the_users_or_a_fixed_one_with_several_nodes(tmp_path):
+    chosen = invoke(*node_args(tmp_path / "run", "--node-rank", "0", "--master-port", "40001"))
+    assert "--master-port 40001 " in chosen.stdout
+    single = invoke(*sft_args(tmp_path / "run", "--gpus", "cpu", "--dry-run"))
+    assert "--master-port 29500 " not in single.stdout  # one node: a free port
+
+
+# --- several nodes: --hostfile through the deepspeed launcher -------------------------------------------
+
+def write_hostfile(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_hostfile_dry_run_shows_the_deepspeed_command_and_the_worker_environment(tmp_path):
+    hosts = write_hostfile(tmp_path / "hosts", "# two loopback hosts\n127.0.0.1 slots=1\n\nlocalhost slots=2\n")
+    run_dir = tmp_path / "run"
+    result = invoke(*sft_args(run_dir, "--gpus", "cpu", "--hostfile", str(hosts), "--master-addr", "127.0.0.1",
+                              "--micro-batch", "2", "--dry-run"),
+                    env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_TOKEN": "secret"})
+    assert result.exit_code == 0, result.output
+    sections = dry_run_sections(result.stdout)
+    assert json.loads(sections["run.json"])["world_size"] == 3
+    assert exec_line(sections["command.sh"]) == (
+        f"CUDA_VISIBLE_DEVICES='' DS_ACCELERATOR=cpu OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1 "
+        f"DS_ENV_FILE={run_dir.resolve() / 'deepspeed_env'} exec {sys.executable} -m deepspeed.launcher.runner "
+        f"--hostfile {hosts} --launcher pdsh --force_multi --master_port 29500 --master_addr 127.0.0.1 "
+        f"--module --no_local_rank dialogtrain.sft {run_dir.resolve() / 'run.json'}")
+    env_lines = sections["deepspeed_env"].splitlines()
+    assert {"DS_ACCELERATOR=cpu", "OMP_NUM_THREADS=1", "HF_HUB_OFFLINE=1"} <= set(env_lines)
+    assert not any("CUDA_VISIBLE_DEVICES" in line or "HF_TOKEN" in line for line in env_lines)
+    assert "global batch 6 = micro-batch 2 x grad-accum 1 x 3 processes (the slots of --hostfile)" in result.stdout
+
+
+def test_deepspeed_env_carries_this_environment_and_keeps_the_users_files(tmp_path):
+    home, cwd = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), cwd.mkdir()
+    (home / ".deepspeed_env").write_text("# mine\nNCCL_SOCKET_IFNAME=eth0\n\nOMP_NUM_THREADS=8\n")
+    text = deepspeed_env({"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""},
+                         {"PATH": "/a b/bin:/usr/bin", "DIALOGTRAIN_FAULT": "kill-at-step:2", "HOME": "/root"},
+                         home, cwd)
+    # Only KEY=VALUE lines (DeepSpeed splits every line at '='); the user's own file comes last and wins.
+    assert text.splitlines() == ["DIALOGTRAIN_FAULT=kill-at-step:2", "PATH=/a b/bin:/usr/bin", "DS_ACCELERATOR=cpu",
+                                 "OMP_NUM_THREADS=2", "NCCL_SOCKET_IFNAME=eth0", "OMP_NUM_THREADS=8"]
+    named = deepspeed_env({}, {"DS_ENV_FILE": str(home / ".deepspeed_env")}, home, cwd)
+    assert named.splitlines() == ["NCCL_SOCKET_IFNAME=eth0", "OMP_NUM_THREADS=8"]  # read once
+
+
+def test_the_deepspeed_env_file_is_private(tmp_path):
+    path = write_deepspeed_env(tmp_path, "A=1\n")
+    assert path.read_text() == "A=1\n" and stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("text,message", [
+    ("worker-1 slots=2\nworker-2\n", "line 2: expected 'host slots=K', got 'worker-2'"),
+    ("worker-1 slots=0\n", "line 1: slots must be >= 1, got 0"),
+    ("worker-1 slots=2\nworker-1 slots=4\n", "line 2: host worker-1 is already on line 1"),
+    ("# nothing\n\n", "no hosts (expected lines like 'worker-1 slots=8')"),
+    ("worker-1 slots=2 # the big one\nworker-2 slots=x\n", "line 2: expected 'host slots=K', got 'worker-2 slots=x'"),
+], ids=["no slots", "zero slots", "twice", "empty", "bad number"])
+def test_hostfile_lines_are_validated(tmp_path, text, message):
+    hosts = write_hostfile(tmp_path / "hosts", text)
+    assert_refused(invoke(*sft_args(tmp_path / "run", "--hostfile", str(hosts), "--dry-run")),
+                   f"--hostfile {hosts} {message}" if message.startswith("line") else f"--hostfile {hosts}: {message}")
+
+
+def test_read_hostfile_keeps_the_order_and_the_slots(tmp_path):
+    hosts = write_hostfile(tmp_path / "hosts", "b slots=4\na slots=8   # comment\n")
+    assert read_hostfile(str(hosts)) == ([("b", 4), ("a", 8)], [])
+    assert read_hostfile(str(tmp_path / "missing")) == ([], [f"--hostfile {tmp_path / 'missing'}: no such file"])
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--gpus", "0,1"], "--gpus 0,1 with --hostfile: the slots of each host pick its GPUs"),
+    (["--gpus", "cpu", "--nproc", "2"], "--nproc 2 with --hostfile: slots=K in the hostfile sets the processes"),
+    (["--gpus", "cpu", "--nnodes", "2", "--master-addr", "h0", "--node-rank", "0"],
+     "--nnodes 2 and --hostfile: the hostfile lists the nodes; give one of them"),
+    (["--gpus", "cpu", "--node-rank", "1"], "--node-rank with --hostfile: the deepspeed launcher numbers the hosts"),
+    (["--gpus", "cpu", "--max-restarts", "2"], "--max-restarts needs torchrun; the deepspeed launcher"),
+    (["--gpus", "cpu", "--precision", "fp16"], "--precision fp16 needs a GPU"),
+], ids=["gpu ids", "nproc", "nnodes", "node rank", "restarts", "fp16 on cpu"])
+def test_hostfile_refusals_name_the_flag(tmp_path, args, message):
+    hosts = write_hostfile(tmp_path / "hosts", "h1 slots=2\nh2 slots=2\n")
+    assert_refused(invoke(*sft_args(tmp_path / "run", "--hostfile", str(hosts), *args, "--dry-run")), message)
+
+
+def test_hostfile_with_gpus_leaves_the_devices_to_each_host(tmp_path):
+    hosts = write_hostfile(tmp_path / "hosts", "h1 slots=8\nh2 slots=8\n")
+    result = invoke(*sft_args(tmp_path / "run", "--hostfile", str(hosts), "--precision", "bf16", "--dry-run"),
+                    gpus=0)  # the launching machine needs no GPU of its own
+    assert result.exit_code == 0, result.output
+    command = exec_line(dry_run_sections(result.stdout)["command.sh"])
+    assert command.startswith("PYTHONUNBUFFERED=1 DS_ENV_FILE=")  # each host's slots set its CUDA_VISIBLE_DEVICES
+    assert f" exec {sys.executable} -m deepspeed.launcher.runner " in command
+    assert '"world_size": 16' in result.stdout
 
 
 # --- --config FILE ----------------------------------------------------------------------------------
@@ -195,6 +361,11 @@ def dry_run_sections(output: str) -> dict[str, str]:
     return sections
 
 
+def exec_line(script: str) -> str:
+    """The launch line of a command.sh."""
+    return next(line for line in script.splitlines() if " exec " in line)
+
+
 def test_dry_run_prints_what_would_be_written_and_writes_nothing(tmp_path):
     result = invoke(*sft_args(tmp_path / "run", "--gpus", "cpu", "--micro-batch", "2", "--grad-accum", "3",
                               "--dry-run"))
@@ -212,7 +383,7 @@ def test_dry_run_prints_what_would_be_written_and_writes_nothing(tmp_path):
 def fake_worker(monkeypatch):
     """The launch command replaced by a Python one-liner; returns a setter for its code."""
     def use(code: str) -> None:
-        monkeypatch.setattr(cli_module, "launch_argv", lambda *args: [sys.executable, "-c", code])
+        monkeypatch.setattr("launcher.launch.launch_argv", lambda *args, **kwargs: [sys.executable, "-c", code])
 
     return use
 
