@@ -50,6 +50,8 @@ GROUP_KEYS = ("conversation_id", "dialog_id")
 HH_ASSISTANT = "\n\nAssistant:"
 HH_MARKER = re.compile(r"\n\n(Human|Assistant):")
 HUB_ID = re.compile(r"[\w][\w.-]*(/[\w.-]+)?(:[\w.-]+)?(@[\w.:%+\[\]-]+)?")
+MAX_NESTING = 100  # lists/objects inside one row; deeper is malformed, not a dialogue
+CSV_FIELD_LIMIT = 2**31 - 1  # the csv module refuses fields over 128 KiB by default: a long response is fine
 
 TRAILING_USER_NOTE = "trailing user turn removed"
 EMPTY_SYSTEM_NOTE = "empty system message removed"
@@ -162,10 +164,7 @@ def jsonl_rows(path: Path) -> Iterator[tuple[int, object]]:
             line = decode_keeping_bad_bytes(raw.removeprefix(codecs.BOM_UTF8) if n == 1 else raw)
             if not line.strip():
                 continue
-            try:
-                yield n, json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path} line {n}: malformed JSON: {err.msg} (column {err.colno})") from None
+            yield n, parse_json(line, path, n)
 
 
 def json_rows(path: Path) -> Iterator[tuple[int, object]]:
@@ -173,10 +172,7 @@ def json_rows(path: Path) -> Iterator[tuple[int, object]]:
     text = decode_keeping_bad_bytes(read_bytes(path).removeprefix(codecs.BOM_UTF8))
     if not text.strip():
         return
-    try:
-        document = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} line {err.lineno} column {err.colno}: malformed JSON: {err.msg}") from None
+    document = parse_json(text, path)
     if isinstance(document, dict):
         lists = [value for value in document.values() if isinstance(value, list)]
         if len(lists) != 1:
@@ -188,9 +184,26 @@ def json_rows(path: Path) -> Iterator[tuple[int, object]]:
     yield from enumerate(document, 1)
 
 
+def parse_json(text: str, path: Path, line: int | None = None) -> object:
+    """json.loads; every failure is a DataError naming `path` and `line` (of a .jsonl file) or the place
+    in the file: malformed text, nesting deeper than the parser's recursion, integers past 4300 digits."""
+    where = f"{path} line {line}" if line else str(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        if line:
+            raise DataError(f"{where}: malformed JSON: {err.msg} (column {err.colno})") from None
+        raise DataError(f"{path} line {err.lineno} column {err.colno}: malformed JSON: {err.msg}") from None
+    except RecursionError:
+        raise DataError(f"{where}: malformed JSON: nested too deeply") from None
+    except ValueError as err:
+        raise DataError(f"{where}: malformed JSON: {str(err).split(';')[0]}") from None
+
+
 def csv_rows(path: Path) -> Iterator[tuple[int, dict]]:
     """Rows keyed by the header, like csv.DictReader: a short row has None for its missing columns,
     the extra values of a long row are a list under the key None."""
+    csv.field_size_limit(max(csv.field_size_limit(), CSV_FIELD_LIMIT))
     with open_data_file(path, "r", encoding="utf-8-sig", errors="surrogateescape", newline="") as handle:
         reader = csv.reader(handle)
         header: list[str] | None = None
@@ -223,6 +236,8 @@ def yaml_rows(path: Path) -> Iterator[tuple[int, dict]]:
         document = yaml.compose(text, Loader=loader)
     except yaml.YAMLError as err:
         raise DataError(f"{path}: malformed YAML: {err}") from None
+    except RecursionError:
+        raise DataError(f"{path}: malformed YAML: nested too deeply") from None
     if document is None:
         return
     conversations = yaml_mapping_value(document, "conversations")
@@ -230,7 +245,12 @@ def yaml_rows(path: Path) -> Iterator[tuple[int, dict]]:
         raise DataError(f"{path}: expected chatterbot-corpus YAML: a mapping with `conversations:`, "
                         "a list of utterance lists")
     for node in conversations.value:
-        yield node.start_mark.line + 1, {"conversation": yaml_node_value(node)}
+        line = node.start_mark.line + 1
+        try:
+            yield line, {"conversation": yaml_node_value(node)}
+        except RecursionError:
+            raise DataError(f"{path} line {line}: malformed YAML: nested more than {MAX_NESTING} levels deep, "
+                            "or an alias that contains itself") from None
 
 
 def yaml_mapping_value(node, key: str):
@@ -243,15 +263,26 @@ def yaml_mapping_value(node, key: str):
     return None
 
 
-def yaml_node_value(node) -> object:
-    """Plain Python from a composed node, every scalar as the string written."""
+def yaml_node_value(node, depth: int = 0, done: dict | None = None) -> object:
+    """Plain Python from a composed node, every scalar as the string written; a key that is not a
+    scalar becomes its YAML text. An alias is converted once and shared (a "billion laughs" file stays
+    small); RecursionError past MAX_NESTING levels, which also ends an alias that contains itself."""
     import yaml
 
+    if depth > MAX_NESTING:
+        raise RecursionError
+    done = {} if done is None else done
+    if id(node) in done:
+        return done[id(node)]
     if isinstance(node, yaml.SequenceNode):
-        return [yaml_node_value(item) for item in node.value]
-    if isinstance(node, yaml.MappingNode):
-        return {yaml_node_value(k): yaml_node_value(v) for k, v in node.value}
-    return node.value
+        value: object = [yaml_node_value(item, depth + 1, done) for item in node.value]
+    elif isinstance(node, yaml.MappingNode):
+        value = {(k.value if isinstance(k, yaml.ScalarNode) else yaml.serialize(k).strip()):
+                 yaml_node_value(v, depth + 1, done) for k, v in node.value}
+    else:
+        value = node.value
+    done[id(node)] = value
+    return value
 
 
 def parquet_rows(path: Path) -> Iterator[tuple[int, dict]]:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+FAIL_RANK_ENV = "DIALOGTRAIN_FAIL_RANK"  # tests: this rank raises once the process group is formed
+
 
 @dataclass(frozen=True)
 class World:
@@ -57,7 +59,9 @@ def distributed_world() -> Iterator[World]:
     os.environ.setdefault("RANK", str(rank))
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
     os.environ.setdefault("WORLD_SIZE", str(size))
-    if torch.cuda.is_available():
+    # DS_ACCELERATOR=cpu (--gpus cpu) wins over a visible GPU: deepspeed.launcher.launch (--hostfile) sets
+    # CUDA_VISIBLE_DEVICES to the host's slots even for CPU processes.
+    if torch.cuda.is_available() and os.environ.get("DS_ACCELERATOR") != "cpu":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
         backend = "nccl"
@@ -67,8 +71,13 @@ def distributed_world() -> Iterator[World]:
         threads = os.environ.get("OMP_NUM_THREADS")
         if threads:
             torch.set_num_threads(int(threads))
-    deepspeed.init_distributed(dist_backend=backend)
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+    if restart and size > 1:
+        dist.init_process_group(backend, store=restart_store(rank, size, restart), rank=rank, world_size=size)
+    deepspeed.init_distributed(dist_backend=backend)  # adopts the group above, if any
     try:
+        if os.environ.get(FAIL_RANK_ENV) == str(rank):
+            raise RuntimeError(f"{FAIL_RANK_ENV}={rank}: rank {rank} fails on purpose")
         yield World(rank=rank, local_rank=local_rank, size=size, device=device)
     finally:
         # Through deepspeed.comm, not torch.distributed: DeepSpeed caches its clone of the world group
@@ -76,3 +85,18 @@ def distributed_world() -> Iterator[World]:
         # otherwise use a dead group).
         if dist.is_initialized():
             deepspeed.comm.destroy_process_group()
+
+
+def restart_store(rank: int, size: int, restart: int) -> dist.Store:
+    """The rendezvous store of a worker torchrun restarted (--max-restarts), namespaced by the attempt.
+
+    torchrun keeps one TCPStore for all attempts (static and c10d rendezvous alike, pytorch#135712), so
+    a restarted gloo/NCCL group would read the addresses the previous attempt's ranks published there
+    and fail with "Connection refused". Every rank of a node restarts together, with the same count.
+    """
+    from datetime import timedelta
+
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size,
+                          is_master=not agent_hosts_it and rank == 0, timeout=timedelta(minutes=30))
+    return dist.PrefixStore(f"dialogtrain/restart-{restart}", store)

@@ -37,15 +37,15 @@ from dialogtrain.batching import (
     micro_batches_of_rank,
     step_batches,
 )
+from dialogtrain.checkpoints import Checkpoints, Progress
 from dialogtrain.distributed import World, distributed_world
-from dialogtrain.engine import boundary_step, build_engine, current_lr, read_ds_config
+from dialogtrain.engine import boundary_step, build_engine, current_lr, learned_logits, read_ds_config
 from dialogtrain.errors import UserError, exit_on_user_error
 from dialogtrain.export import export_hf_checkpoint, gather_state_dict
 from dialogtrain.losses import DPO_LOSSES, chosen_nll, sequence_logps
-from dialogtrain.metrics import open_metrics
+from dialogtrain.metrics import mfu, open_metrics, peak_flops, train_flops_per_token
 from dialogtrain.model import load_model, load_tokenizer, resolve_model_path
 from dialogtrain.options import RunOptions
-from dialogtrain.sft import TrainingError
 
 REFERENCE_CACHE = "ref_logps.pt"
 PAIR_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
@@ -84,8 +84,7 @@ class LiveReference:
     @torch.no_grad()
     def logps(self, indices: list[int], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(2B,) summed completion log-probs of the batch's rows (chosen, then rejected), fp32."""
-        logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return sequence_logps(logits, batch["labels"])[0]
+        return sequence_logps(learned_logits(self.engine, batch), batch["labels"])[0]
 
 
 class CachedReference:
@@ -282,8 +281,7 @@ def train_step(engine, reference, examples: list[dict], lengths: list[int], step
     for k, indices in enumerate(micro_batches):
         batch = to_device(collate_preferences([examples[i] for i in indices], pad_id), world.device)  # 2B rows
         ref_logps = reference.logps(indices, batch)  # (2B,), before the policy's activations exist
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps, n_tokens = sequence_logps(logits, batch["labels"])  # (2B,) each, fp32
+        logps, n_tokens = sequence_logps(learned_logits(engine, batch), batch["labels"])  # (2B,) each, fp32
         losses, micro_sums = score_pairs(logps, n_tokens, ref_logps, options)
         engine.backward(losses.sum() / step_pairs * backward_scale)
         if k == len(micro_batches) - 1:
@@ -308,8 +306,7 @@ def evaluate(engine, reference, examples: list[dict], options: RunOptions, world
         # A rank out of pairs still runs a forward (ZeRO-3 gathers are collective) and counts nothing.
         batch = to_device(collate_preferences([examples[i] for i in indices or [0]], pad_id), world.device)
         ref_logps = reference.logps(indices or [0], batch)
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps, n_tokens = sequence_logps(logits, batch["labels"])
+        logps, n_tokens = sequence_logps(learned_logits(engine, batch), batch["labels"])
         _, micro_sums = score_pairs(logps, n_tokens, ref_logps, options)
         if indices:
             sums = {name: sums[name] + micro_sums[name] for name in PAIR_METRICS}
@@ -345,11 +342,13 @@ def train(run_json: Path, world: World):
     """The whole run. Returns the engine (tests compare its model with the export)."""
     options = RunOptions.load(run_json)
     run_dir = run_json.parent
+    checkpoints = Checkpoints.open(run_dir, options, world)  # an unwritable folder or refused --resume stops here
     seed_everything(options.schedule.seed)
     # The data first: a bad row stops the run in seconds, before a large model loads.
     tokenizer = load_tokenizer(options.model.model, options.model.trust_remote_code, options.model.chat_template)
     train_set, eval_set = setup_data(options, tokenizer, world)
     model, tokenizer = load_model(options.model.model, options.model.trust_remote_code, options.model.chat_template)
+    checkpoints.check_space(model)
     disable_dropout(model)
     lengths = [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in train_set]
     steps_per_epoch, total_steps = plan_steps(options, len(train_set))
@@ -360,32 +359,40 @@ def train(run_json: Path, world: World):
                 f"{'precomputed' if options.dpo.precompute_ref else 'live'}")
     ds_config = read_ds_config(run_dir / "ds_config.json", total_steps)
     train_ref, eval_ref = setup_reference(options, model, tokenizer, ds_config, train_set, eval_set, run_dir, world)
-    engine, _ = build_engine(model, ds_config, options.optim.warmup_steps, total_steps)
-    log = open_metrics(run_dir, world.is_main, total_steps)
+    engine, _ = build_engine(model, checkpoints.ds_config(ds_config), options.optim.warmup_steps, total_steps)
+    # mfu counts the policy's 6N FLOPs per token; a live reference's forward (2N more) is not in it
+    flops_per_token, peak = train_flops_per_token(model), peak_flops(options.optim.precision, world)
+    progress = checkpoints.restore(engine)  # Progress() unless resuming
+    engine.train()  # from_pretrained returns eval mode; training has dropout from its first step, resumed or not
+    log = open_metrics(run_dir, world.is_main, total_steps, progress.step)
     pad_id = tokenizer.pad_token_id
 
-    step, epoch = 0, 0
+    step, epoch, position = progress.step, progress.epoch, progress.position
     while step < total_steps:
-        for batch_indices in step_batches(len(train_set), options.global_batch, options.schedule.seed, epoch):
+        # A resumed epoch starts after the `position` batches its checkpoint had trained on.
+        batches = step_batches(len(train_set), options.global_batch, options.schedule.seed, epoch,
+                               lengths)[position:]  # length-grouped: little padding
+        for batch_indices in batches:
             if step >= total_steps:
                 break
             lr = current_lr(engine)
             started = time.perf_counter()
             stats = train_step(engine, train_ref, train_set, lengths, batch_indices, options, world, pad_id)
             seconds = time.perf_counter() - started
-            step += 1
-            if not math.isfinite(stats["loss"]):
-                raise TrainingError(f"loss is {stats['loss']} at step {step}; stopping (no checkpoint was "
-                                    f"written by this step). Try a lower --lr or --precision bf16/fp32.")
+            step, position = step + 1, position + 1
+            skipped = checkpoints.check_loss(engine, stats["loss"], step)  # NaN/inf: TrainingError
             pair_metrics = {name: stats[name] for name in PAIR_METRICS}
+            tokens_per_s = stats["input_tokens"] / seconds
             record = {"step": step, "epoch": epoch, **pair_metrics, "lr": lr, "grad_norm": stats["grad_norm"],
-                      "tokens_per_s": stats["input_tokens"] / seconds, "target_tokens": stats["target_tokens"]}
+                      "tokens_per_s": tokens_per_s, "mfu": mfu(flops_per_token, tokens_per_s, peak),
+                      "input_tokens": stats["input_tokens"], "target_tokens": stats["target_tokens"], **skipped}
             if options.schedule.eval_every and step % options.schedule.eval_every == 0 and eval_set:
                 record.update(evaluate(engine, eval_ref, eval_set, options, world, pad_id))
             if step % options.schedule.log_every == 0 or "eval_loss" in record or step == total_steps:
                 log.log(record)
-            log.progress(1, **pair_metrics, lr=lr, tok_s=record["tokens_per_s"])
-        epoch += 1
+            log.progress(1, **pair_metrics, lr=lr, tok_s=tokens_per_s, mfu=record["mfu"])
+            checkpoints.step_done(engine, tokenizer, Progress(step, epoch, position))  # saves every --save-every
+        epoch, position = epoch + 1, 0
 
     if eval_set:
         final_eval = evaluate(engine, eval_ref, eval_set, options, world, pad_id)
@@ -393,6 +400,7 @@ def train(run_json: Path, world: World):
         world.print(f"eval: loss {final_eval['eval_loss']:.4f}, reward accuracy "
                     f"{final_eval['eval_rewards/accuracies']:.3f}, margin {final_eval['eval_rewards/margins']:.4f}")
     log.close()
+    checkpoints.report_skipped_steps(engine, total_steps)  # fp16 overflows
     final = save_final(engine, tokenizer, run_dir, world)
     world.print(f"saved {final}")
     return engine

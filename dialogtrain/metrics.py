@@ -105,10 +105,13 @@ def matmul_peak_flops(precision: str, device, budget_s: float = 0.8) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    # A generator of its own: the number of sizes tried depends on timing, and drawing from the global
+    # RNG would make a run's dropout (and its resume) depend on how busy the machine was.
+    generator = torch.Generator(device=device).manual_seed(0)
     started, best, size = time.perf_counter(), 0.0, 256
     while size <= 16384:
-        a = torch.randn(size, size, device=device).to(dtype)
-        b = torch.randn(size, size, device=device).to(dtype)
+        a = torch.randn(size, size, device=device, generator=generator).to(dtype)
+        b = torch.randn(size, size, device=device, generator=generator).to(dtype)
         a @ b  # warm-up: thread pool, kernel selection, page faults
         sync()
         t0, n = time.perf_counter(), 0

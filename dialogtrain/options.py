@@ -111,6 +111,7 @@ class ScheduleOptions:
     log_every: int = 1
     eval_every: int = 0  # 0: evaluate at the end only
     save_every: int = 0  # 0: no intermediate checkpoints
+    keep_last: int = 0  # 0: keep every checkpoint
 
     def problems(self) -> list[str]:
         out = []
@@ -118,7 +119,7 @@ class ScheduleOptions:
             out.append(f"{flag('epochs')} must be >= 1, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
             out.append(f"{flag('max_steps')} must be >= 1, got {self.max_steps}")
-        for name in ("log_every", "eval_every", "save_every"):
+        for name in ("log_every", "eval_every", "save_every", "keep_last"):
             if getattr(self, name) < 0:
                 out.append(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.log_every == 0:
@@ -157,6 +158,13 @@ class LaunchOptions:
     nproc: int = 1  # processes when gpus == "cpu"
     ds_config: str | None = None
     max_restarts: int = 0  # torchrun restarts every worker up to this many times after a failure
+    # Several nodes. run.json holds what is the same on every node, so each node writes it identically;
+    # --node-rank (different on each node) and --master-port are flags of the launch only.
+    nnodes: int = 1  # machines, each running the same `dialogtrain` command (torchrun static rendezvous)
+    master_addr: str | None = None  # address of node 0, which every node can reach
+    hostfile: str | None = None  # `host slots=K` lines: start every host through the deepspeed launcher
+    resume: str | None = None  # "auto" (the latest checkpoint of --output, if any) or a checkpoint folder
+    resume_force: bool = False  # resume although the data or options differ from the checkpoint's
 
     def problems(self) -> list[str]:
         out = [] if self.output else [f"{flag('output')} is required"]
@@ -164,6 +172,27 @@ class LaunchOptions:
             out.append(f"{flag('nproc')} must be >= 1, got {self.nproc}")
         if self.max_restarts < 0:
             out.append(f"{flag('max_restarts')} must be >= 0, got {self.max_restarts}")
+        out += self.node_problems()
+        if self.resume is not None and not self.resume.strip():
+            out.append(f"{flag('resume')} needs auto or a checkpoint folder")
+        if self.resume_force and self.resume is None:
+            out.append(f"{flag('resume_force')} needs {flag('resume')}")
+        return out
+
+    def node_problems(self) -> list[str]:
+        """--nnodes / --master-addr / --hostfile: the two multi-node ways exclude each other."""
+        out = []
+        if self.nnodes < 1:
+            out.append(f"{flag('nnodes')} must be >= 1, got {self.nnodes}")
+        elif self.nnodes > 1 and self.hostfile:
+            out.append(f"{flag('nnodes')} {self.nnodes} and {flag('hostfile')}: the hostfile lists the nodes; "
+                       f"give one of them")
+        elif self.nnodes > 1 and not self.master_addr:
+            out.append(f"{flag('nnodes')} {self.nnodes} needs {flag('master_addr')}: the address of node 0, "
+                       f"the same on every node")
+        if self.hostfile and self.max_restarts:
+            out.append(f"{flag('max_restarts')} needs torchrun; the deepspeed launcher that {flag('hostfile')} "
+                       f"uses does not restart workers")
         return out
 
 

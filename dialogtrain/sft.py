@@ -26,20 +26,15 @@ from dialogtrain.batching import (
     step_batches,
     target_tokens,
 )
+from dialogtrain.checkpoints import Checkpoints, Progress, TrainingError  # noqa: F401 (TrainingError: re-exported)
 from dialogtrain.distributed import World, distributed_world
-from dialogtrain.engine import boundary_step, build_engine, current_lr, read_ds_config
+from dialogtrain.engine import boundary_step, build_engine, current_lr, learned_logits, read_ds_config
 from dialogtrain.errors import UserError, exit_on_user_error
 from dialogtrain.export import export_hf_checkpoint, gather_state_dict
 from dialogtrain.losses import sequence_logps, sft_loss
-from dialogtrain.metrics import open_metrics
+from dialogtrain.metrics import mfu, open_metrics, peak_flops, train_flops_per_token
 from dialogtrain.model import load_model, load_tokenizer
 from dialogtrain.options import RunOptions
-
-
-class TrainingError(UserError):
-    """Training cannot go on (NaN/inf loss): exit non-zero, nothing already saved is touched."""
-
-    exit_code = 3
 
 
 def setup_data(options: RunOptions, tokenizer, world: World) -> tuple[list[dict], list[dict]]:
@@ -85,7 +80,7 @@ def train_step(engine, examples: list[dict], lengths: list[int], step: list[int]
     loss, input_tokens, grad_norm = 0.0, 0, math.nan
     for k, indices in enumerate(micro_batches):
         batch = to_device(collate_sft([examples[i] for i in indices], pad_id), world.device)
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        logits = learned_logits(engine, batch)  # (N, V) at the learned positions only
         micro_loss = sft_loss(logits, batch["labels"], step_targets)  # this micro-batch's share, scalar
         engine.backward(micro_loss * backward_scale)
         if k == len(micro_batches) - 1:
@@ -106,8 +101,7 @@ def evaluate(engine, examples: list[dict], options: RunOptions, world: World, pa
     for indices in eval_micro_batches_of_rank(len(examples), world.rank, world.size, options.optim.micro_batch):
         # A rank out of examples still runs a forward (ZeRO-3 gathers are collective) and counts nothing.
         batch = to_device(collate_sft([examples[i] for i in indices or [0]], pad_id), world.device)
-        logits = engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        logps, n = sequence_logps(logits, batch["labels"])
+        logps, n = sequence_logps(learned_logits(engine, batch), batch["labels"])
         if indices:
             nll -= float(logps.sum())
             tokens += int(n.sum())
@@ -137,47 +131,57 @@ def train(run_json: Path, world: World):
     """The whole run. Returns the engine (tests compare its model with the export)."""
     options = RunOptions.load(run_json)
     run_dir = run_json.parent
+    checkpoints = Checkpoints.open(run_dir, options, world)  # an unwritable folder or refused --resume stops here
     seed_everything(options.schedule.seed)
     # The data first: a bad row stops the run in seconds, before a large model loads.
     tokenizer = load_tokenizer(options.model.model, options.model.trust_remote_code, options.model.chat_template)
     train_set, eval_set = setup_data(options, tokenizer, world)
     model, tokenizer = load_model(options.model.model, options.model.trust_remote_code, options.model.chat_template)
+    checkpoints.check_space(model)
     lengths = [len(e["input_ids"]) for e in train_set]
     steps_per_epoch, total_steps = plan_steps(options, len(train_set))
     world.print(f"plan: {len(train_set)} examples, global batch {options.global_batch} = micro-batch "
                 f"{options.optim.micro_batch} x grad-accum {options.optim.grad_accum} x {world.size} processes, "
                 f"{steps_per_epoch} steps per epoch, {total_steps} steps")
     ds_config = read_ds_config(run_dir / "ds_config.json", total_steps)
-    engine, _ = build_engine(model, ds_config, options.optim.warmup_steps, total_steps)
-    log = open_metrics(run_dir, world.is_main, total_steps)
+    engine, _ = build_engine(model, checkpoints.ds_config(ds_config), options.optim.warmup_steps, total_steps)
+    flops_per_token, peak = train_flops_per_token(model), peak_flops(options.optim.precision, world)  # for mfu
+    progress = checkpoints.restore(engine)  # Progress() unless resuming
+    engine.train()  # from_pretrained returns eval mode; training has dropout from its first step, resumed or not
+    log = open_metrics(run_dir, world.is_main, total_steps, progress.step)
     pad_id = tokenizer.pad_token_id
 
-    step, epoch = 0, 0
+    step, epoch, position, record = progress.step, progress.epoch, progress.position, {}
     while step < total_steps:
-        for batch_indices in step_batches(len(train_set), options.global_batch, options.schedule.seed, epoch):
+        # A resumed epoch starts after the `position` batches its checkpoint had trained on.
+        batches = step_batches(len(train_set), options.global_batch, options.schedule.seed, epoch,
+                               lengths)[position:]  # length-grouped: little padding
+        for batch_indices in batches:
             if step >= total_steps:
                 break
             lr = current_lr(engine)
             started = time.perf_counter()
             stats = train_step(engine, train_set, lengths, batch_indices, options, world, pad_id)
             seconds = time.perf_counter() - started
-            step += 1
-            if not math.isfinite(stats["loss"]):
-                raise TrainingError(f"loss is {stats['loss']} at step {step}; stopping (no checkpoint was "
-                                    f"written by this step). Try a lower --lr or --precision bf16/fp32.")
+            step, position = step + 1, position + 1
+            skipped = checkpoints.check_loss(engine, stats["loss"], step)  # NaN/inf: TrainingError
+            tokens_per_s = stats["input_tokens"] / seconds
             record = {"step": step, "epoch": epoch, "loss": stats["loss"], "lr": lr, "grad_norm": stats["grad_norm"],
-                      "tokens_per_s": stats["input_tokens"] / seconds, "target_tokens": stats["target_tokens"]}
+                      "tokens_per_s": tokens_per_s, "mfu": mfu(flops_per_token, tokens_per_s, peak),
+                      "input_tokens": stats["input_tokens"], "target_tokens": stats["target_tokens"], **skipped}
             if eval_set and (step == total_steps or (options.schedule.eval_every
                                                         and step % options.schedule.eval_every == 0)):
                 record.update(evaluate(engine, eval_set, options, world, pad_id))
             if step % options.schedule.log_every == 0 or "eval_loss" in record or step == total_steps:
                 log.log(record)
-            log.progress(1, loss=stats["loss"], lr=lr, tok_s=record["tokens_per_s"])
-        epoch += 1
+            log.progress(1, loss=stats["loss"], lr=lr, tok_s=tokens_per_s, mfu=record["mfu"])
+            checkpoints.step_done(engine, tokenizer, Progress(step, epoch, position))  # saves every --save-every
+        epoch, position = epoch + 1, 0
 
     log.close()
-    if eval_set:
+    if "eval_loss" in record:
         world.print(f"eval: loss {record['eval_loss']:.4f}, perplexity {record['eval_ppl']:.2f}")
+    checkpoints.report_skipped_steps(engine, total_steps)  # fp16 overflows
     final = save_final(engine, tokenizer, run_dir, world)
     world.print(f"saved {final}")
     return engine

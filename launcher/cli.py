@@ -2,14 +2,13 @@
 
 sft and dpo merge `--config FILE` with the flags, validate everything at once, write the run folder
 (run.json, ds_config.json, command.sh) and start torchrun with one worker per device; `config`
-prints the DeepSpeed config those options resolve to; chat and import-gguf hand over to the
+prints the DeepSpeed config those options resolve to; chat, import-gguf and export hand over to the
 dialogtrain package, imported only when they run.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,7 +21,7 @@ from dialogtrain import __version__
 from dialogtrain.errors import UserError
 from dialogtrain.hardware import SLOW_BF16_NOTE, cpu_has_native_bf16
 from dialogtrain.options import LaunchOptions, OptionsError, RunOptions
-from launcher.devices import Devices, resolve_devices
+from launcher.devices import Devices, read_hostfile, resolve_devices, resolve_hosts
 from launcher.ds_config import build_ds_config, load_template, overridden_settings, read_ds_config_file
 from launcher.flags import (
     command_fields,
@@ -32,14 +31,16 @@ from launcher.flags import (
     unknown_argument_problems,
 )
 from launcher.launch import (
+    WORKER_ENV,
+    Launch,
     batch_arithmetic,
-    command_script,
-    free_port,
-    launch_argv,
-    launch_environment,
+    node_rank_problems,
+    plan_launch,
     run_forwarding_signals,
+    shell_command,
+    write_deepspeed_env,
 )
-from launcher.run_dir import clear_previous_run, run_folder_problem, write_run_dir
+from launcher.run_dir import clear_previous_run, resume_problems, run_folder_problem, write_run_dir
 
 # Unknown flags reach the command as ctx.args, so they are reported with every other problem.
 COLLECT_UNKNOWN = {"ignore_unknown_options": True, "allow_extra_args": True}
@@ -93,8 +94,10 @@ def resolve_run(ctx: click.Context, command: str, config_path: str | None,
     values = {**(defaults or {}), **file_values, **cli_values}
     problems += file_problems + cli_problems
     devices, device_problems = devices_for(values)
+    nnodes = values.get("nnodes", LaunchOptions.nnodes)
+    world_size = devices.world_size(nnodes if isinstance(nnodes, int) and nnodes >= 1 else 1) if devices else 1
     try:
-        options = RunOptions.from_flat(command, values, world_size=devices.nproc if devices else 1)
+        options = RunOptions.from_flat(command, values, world_size=world_size)
     except OptionsError as err:
         options, problems = None, problems + err.problems
     problems += device_problems + cpu_problems(values, devices) + extra_checks(values)
@@ -112,11 +115,16 @@ def resolve_run(ctx: click.Context, command: str, config_path: str | None,
 
 
 def devices_for(values: dict[str, Any]) -> tuple[Devices | None, list[str]]:
+    """Devices of this node, or of every host of --hostfile; (None, problems) when they cannot be had."""
     gpus, nproc = values.get("gpus", LaunchOptions.gpus), values.get("nproc", LaunchOptions.nproc)
+    hostfile = values.get("hostfile")
     if not isinstance(gpus, str):
         return None, []  # from_flat names the bad type
     nproc = nproc if isinstance(nproc, int) and not isinstance(nproc, bool) and nproc >= 1 else 1
     try:
+        if isinstance(hostfile, str) and hostfile:
+            hosts, problems = read_hostfile(hostfile)
+            return (resolve_hosts(gpus, nproc, hosts), []) if hosts and not problems else (None, problems)
         return resolve_devices(gpus, nproc), []
     except UserError as err:
         return None, [str(err)]
@@ -154,8 +162,11 @@ def launcher_options(function: Callable) -> Callable:
                           "write nothing, start nothing"),
         click.option("--overwrite", is_flag=True,
                      help="replace an earlier run in --output (its checkpoints/, final/, metrics.jsonl)"),
+        click.option("--node-rank", type=click.IntRange(min=0), metavar="R",
+                     help="this node's rank with --nnodes: 0 on the --master-addr node, 1 to N-1 on the others"),
         click.option("--master-port", type=click.IntRange(1, 65535), metavar="PORT",
-                     help="torchrun rendezvous port  [default: a free port]"),
+                     help="rendezvous port on the --master-addr node  [default: a free port on one node; "
+                          "29500 with --nnodes or --hostfile, as every node must use the same]"),
     ]
     for decorate in reversed(decorators):
         function = decorate(function)
@@ -170,48 +181,61 @@ def training_command(command: str, summary: str) -> click.Command:
     @launcher_options
     @click.pass_context
     def start(ctx: click.Context, config_path: str | None, dry_run: bool, overwrite: bool,
-              master_port: int | None, **_flags: Any) -> None:
+              node_rank: int | None, master_port: int | None, **_flags: Any) -> None:
         def run_folder_problems(values: dict[str, Any]) -> list[str]:
-            output = values.get("output")
-            problem = run_folder_problem(output, overwrite) if isinstance(output, str) and output else None
-            return [problem] if problem else []
+            output, resume = values.get("output"), values.get("resume")
+            resume = resume if isinstance(resume, str) else None
+            problem = run_folder_problem(output, overwrite, resume) if isinstance(output, str) and output else None
+            nodes = node_rank_problems(node_rank, values.get("nnodes", LaunchOptions.nnodes), values.get("hostfile"))
+            return ([problem] if problem else []) + nodes
 
         run = resolve_run(ctx, command, config_path, extra_checks=run_folder_problems)
-        ctx.exit(launch(command, run, dry_run=dry_run, overwrite=overwrite, master_port=master_port))
+        refused = resume_problems(run.options)  # before run.json is rewritten
+        if refused:
+            raise OptionsError(refused)
+        ctx.exit(launch(command, run, dry_run=dry_run, overwrite=overwrite, node_rank=node_rank,
+                        master_port=master_port))
 
     return start
 
 
-def launch(command: str, run: ResolvedRun, *, dry_run: bool, overwrite: bool, master_port: int | None) -> int:
-    """Write the run folder and run torchrun (or only show them, for --dry-run). Returns the exit code."""
+def launch(command: str, run: ResolvedRun, *, dry_run: bool, overwrite: bool, node_rank: int | None = None,
+           master_port: int | None = None) -> int:
+    """Write the run folder and start the workers (or only show them, for --dry-run). Returns the exit code.
+
+    With --nnodes every node does all of this alike: its run.json, ds_config.json and command.sh are the
+    same bytes (a shared --output is fine), and no worker reads them before all nodes have joined.
+    """
     run_dir = Path(run.options.launch.output).resolve()
-    argv = launch_argv(command, run_dir / "run.json", run.devices.nproc, master_port or free_port(),
-                       run.options.launch.max_restarts)
-    env = launch_environment(run.devices, os.environ)
-    script = command_script(argv, env, Path.cwd(), command)
+    started = plan_launch(command, run.options, run.devices, run_dir, node_rank, master_port)
     for note in run.notes:
         click.echo(f"note: {note}", err=True)
     if dry_run:
-        show_dry_run(run, run_dir, script)
+        show_dry_run(run, run_dir, started)
         return 0
     if overwrite:
         removed = clear_previous_run(run_dir)
         if removed:
             click.echo(f"--overwrite: removed {', '.join(removed)} from {run_dir}")
-    write_run_dir(run_dir, run.options, run.ds_config, script)
+    write_run_dir(run_dir, run.options, run.ds_config, started.script)
+    if started.worker_env is not None:
+        write_deepspeed_env(run_dir, started.worker_env)
     click.echo(f"run folder: {run_dir}")
     click.echo(batch_arithmetic(run.options))
-    click.echo(f"$ {script.splitlines()[-1]}")
-    return run_forwarding_signals(argv, env)
+    click.echo(f"$ {shell_command(started.argv, started.env)}")
+    return run_forwarding_signals(started.argv, started.env)
 
 
-def show_dry_run(run: ResolvedRun, run_dir: Path, script: str) -> None:
+def show_dry_run(run: ResolvedRun, run_dir: Path, started: Launch) -> None:
     click.echo(f"# {run_dir / 'run.json'}")
     click.echo(json.dumps(run.options.to_dict(), indent=2))
     click.echo(f"# {run_dir / 'ds_config.json'}")
     click.echo(json.dumps(run.ds_config, indent=2))
     click.echo(f"# {run_dir / 'command.sh'}")
-    click.echo(script, nl=False)
+    click.echo(started.script, nl=False)
+    if started.worker_env is not None:
+        click.echo(f"# {run_dir / WORKER_ENV}")
+        click.echo(started.worker_env, nl=False)
     click.echo(batch_arithmetic(run.options))
     click.echo("dry run: nothing written, nothing started")
 
@@ -244,6 +268,28 @@ def config_command(ctx: click.Context, config_path: str | None, **_flags: Any) -
     click.echo(json.dumps(run.ds_config, indent=2))
 
 
+@cli.command("plan")
+@click.option("--model", required=True, metavar="MODEL", help="Hugging Face model id or local folder (only its "
+              "config is read)")
+@click.option("--gpus", type=click.IntRange(min=1), default=1, show_default=True, metavar="N",
+              help="GPUs per node (a count, unlike the ids of `sft --gpus`)")
+@click.option("--nnodes", type=click.IntRange(min=1), default=1, show_default=True, metavar="N", help="nodes")
+@click.option("--gpu-memory", type=click.FloatRange(min=0, min_open=True), metavar="GiB",
+              help="memory of one GPU  [default: the smallest GPU nvidia-smi lists here]")
+@click.option("--cpu-memory", type=click.FloatRange(min=0, min_open=True), metavar="GiB",
+              help="RAM of one node  [default: this machine's]")
+@click.option("--trust-remote-code", is_flag=True, help="run Python code shipped with the model's config")
+def plan_command(model: str, gpus: int, nnodes: int, gpu_memory: float | None, cpu_memory: float | None,
+                 trust_remote_code: bool) -> None:
+    """Memory per GPU of every ZeRO stage and offload choice for MODEL on N GPUs x K nodes (DeepSpeed's
+    estimators), and the fastest choice that fits."""
+    from dialogtrain.plan import GiB, plan_report
+
+    click.echo(plan_report(model, gpus, nnodes, gpu_bytes=int(gpu_memory * GiB) if gpu_memory else None,
+                           cpu_bytes=int(cpu_memory * GiB) if cpu_memory else None,
+                           trust_remote_code=trust_remote_code))
+
+
 @cli.command()
 @click.argument("checkpoint")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True,
@@ -263,17 +309,20 @@ def config_command(ctx: click.Context, config_path: str | None, **_flags: Any) -
               help="system message at the start of the conversation")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N")
 @click.option("--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
-              show_default=True)
+              show_default=True, help="auto: bf16 where the GPU or CPU (AMX, AVX512-BF16) computes it, else fp32")
 @click.option("--prompt", metavar="TEXT", default=None, help="answer this one message and exit")
 @click.option("--compare", metavar="OTHER_CHECKPOINT", default=None,
               help="a second checkpoint answering every message beside the first")
-@click.option("--trust-remote-code", is_flag=True, help="run Python code shipped with the model")
+@click.option("--trust-remote-code", is_flag=True,
+              help="run Python code shipped with the model (off: such a model is refused)")
 def chat(checkpoint: str, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
          repetition_penalty: float, greedy: bool, seed: int | None, system: str | None, device: str,
          dtype: str, prompt: str | None, compare: str | None, trust_remote_code: bool) -> None:
-    """Chat with CHECKPOINT: a run folder (its final/), a Hugging Face folder or id, or a .gguf file.
+    """Chat with CHECKPOINT: a run folder (its final/), an exported Hugging Face folder, or a .gguf file.
 
-    Interactive on a terminal; one reply line per input line when piped; one answer with --prompt.
+    Interactive on a terminal (replies stream; /help lists the commands; Ctrl-C stops a reply; exit,
+    quit or Ctrl-D leave); one reply line per input line when piped; one answer with --prompt.
+    Loads safetensors weights only.
     """
     from dialogtrain.chat import run_chat
 
@@ -281,6 +330,18 @@ def chat(checkpoint: str, max_new_tokens: int, temperature: float, top_p: float,
                       top_k=top_k, repetition_penalty=repetition_penalty, greedy=greedy, seed=seed,
                       system=system, device=device, dtype=dtype, prompt=prompt, compare=compare,
                       trust_remote_code=trust_remote_code))
+
+
+@cli.command("plot")
+@click.argument("runs", metavar="RUN [RUN...]", nargs=-1, required=True)
+@click.option("--output", "-o", metavar="FILE.png", default="metrics.png", show_default=True,
+              help="where to write the PNG")
+def plot_command(runs: tuple[str, ...], output: str) -> None:
+    """Plot loss, held-out loss, DPO rewards and throughput of one or more runs (their metrics.jsonl) into
+    one PNG, the runs overlaid."""
+    from dialogtrain.plot import plot_runs
+
+    click.echo(f"wrote {plot_runs(list(runs), output)}")
 
 
 @cli.command("import-gguf")
@@ -293,6 +354,20 @@ def import_gguf_command(gguf_file: str, out: str) -> None:
     folder = import_gguf(gguf_file, out)
     click.echo(f"imported {gguf_file} into {folder}")
     click.echo(f"  fine-tune it: dialogtrain sft --model {folder} --data DATA --output RUN")
+    click.echo(f"  chat with it: dialogtrain chat {folder}")
+
+
+@cli.command("export")
+@click.argument("checkpoint", metavar="CHECKPOINT")
+@click.option("--output", "output", required=True, metavar="HF_DIR", help="the Hugging Face folder to write")
+@click.option("--trust-remote-code", is_flag=True, help="run Python code shipped with the model's config")
+def export_command(checkpoint: str, output: str, trust_remote_code: bool) -> None:
+    """Turn a saved checkpoint (RUN/checkpoints/TAG, any ZeRO stage; a run folder means its latest) into a
+    Hugging Face folder, offline: what RUN/final would hold had training ended there."""
+    from dialogtrain.checkpoints import export_checkpoint
+
+    folder = export_checkpoint(checkpoint, output, trust_remote_code)
+    click.echo(f"exported {checkpoint} to {folder}")
     click.echo(f"  chat with it: dialogtrain chat {folder}")
 
 

@@ -43,6 +43,7 @@ HELP = {
     "log_every": "write metrics.jsonl every N optimizer steps",
     "eval_every": "evaluate every N optimizer steps; 0: at the end only",
     "save_every": "checkpoint every N optimizer steps; 0: final model only",
+    "keep_last": "keep only the K newest checkpoints; 0 keeps all",
     "beta": "DPO beta: how strongly the policy is held near the reference",
     "loss": "DPO loss: sigmoid (DPO), ipo or hinge",
     "label_smoothing": "conservative DPO: assumed probability that a preference is flipped",
@@ -56,13 +57,24 @@ HELP = {
     "max_restarts": "after a worker fails, torchrun restarts all workers up to N times; they resume from "
                     "the last checkpoint",
     "ds_config": "start from your own DeepSpeed config JSON (the flags still set the keys they own)",
+    "nnodes": "machines in the run: start the same command on each, with its own --node-rank "
+              "(torchrun static rendezvous)",
+    "master_addr": "address of node 0 that every node reaches (needed with --nnodes above 1)  "
+                   "[default: 127.0.0.1 on one node; with --hostfile, the first host's `hostname -I`]",
+    "hostfile": "start on the hosts of FILE (`host slots=K` lines) through the deepspeed launcher "
+                "(pdsh over ssh) instead of torchrun",
+    "resume": "continue from a checkpoint: auto (the latest in --output; alone, --resume means auto) or "
+              "a checkpoint folder; data and options must match it",
+    "resume_force": "resume although the data or options differ from the checkpoint's",
 }
 METAVARS = {
     "model": "MODEL", "ref_model": "MODEL", "chat_template": "NAME|FILE", "data": "DATA", "eval_data": "DATA", "output": "RUN",
-    "ds_config": "FILE", "gpus": "IDS|all|cpu", "precision": "|".join(PRECISIONS),
-    "offload": "|".join(OFFLOADS), "loss": "|".join(DPO_LOSSES), "zero": "0|1|2|3",
+    "ds_config": "FILE", "gpus": "IDS|all|cpu", "master_addr": "ADDR", "hostfile": "FILE",
+    "precision": "|".join(PRECISIONS),
+    "offload": "|".join(OFFLOADS), "loss": "|".join(DPO_LOSSES), "zero": "0|1|2|3", "resume": "[auto|PATH]",
 }
 DPO_ONLY = {"ref_model"}  # outside the dpo section, but meaningless for sft
+OPTIONAL_VALUES = {"resume": "auto"}  # `--resume` alone means `--resume auto`
 
 
 def command_fields(command: str) -> list[dataclasses.Field]:
@@ -92,6 +104,9 @@ def field_option(f: dataclasses.Field) -> Callable[[Callable], Callable]:
     shown = "" if no_default else f"  [default: {f.default}]"
     if base_type(f) == "bool":
         return click.option(f"--{name}/--no-{name}", f.name, default=None, help=HELP[f.name])
+    if f.name in OPTIONAL_VALUES:
+        return click.option(f"--{name}", f.name, type=str, default=None, is_flag=False,
+                            flag_value=OPTIONAL_VALUES[f.name], help=HELP[f.name], metavar=METAVARS[f.name])
     return click.option(f"--{name}", f.name, type=str, default=None, help=HELP[f.name] + shown,
                         metavar=METAVARS.get(f.name, {"int": "N", "float": "X"}.get(base_type(f), "TEXT")))
 

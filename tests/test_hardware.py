@@ -29,3 +29,17 @@ def test_the_launcher_notes_slow_bf16_on_this_cpu(tmp_path):
                           capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert (f"note: {hardware.SLOW_BF16_NOTE}" in done.stderr) is (not hardware.cpu_has_native_bf16())
+
+
+def test_measuring_the_matmul_peak_leaves_the_global_rng_alone():
+    """The peak is measured at worker start for a time-dependent number of sizes: drawing from the global
+    RNG would make dropout, and so an exact resume, depend on how busy the machine was."""
+    import torch
+
+    from dialogtrain.metrics import matmul_peak_flops
+
+    torch.manual_seed(1)
+    expected = torch.rand(4)
+    torch.manual_seed(1)
+    assert matmul_peak_flops("fp32", "cpu", budget_s=0.1) > 0
+    assert torch.equal(torch.rand(4), expected)
