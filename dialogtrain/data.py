@@ -624,6 +624,10 @@ def parse_chosen_rejected_row(row: dict, notes: collections.Counter) -> Preferen
     """`prompt` (string or messages, optional `system`) with `chosen`/`rejected` strings or one assistant
     message each; or `chosen`/`rejected` full message lists sharing every message before the last."""
     chosen = required(row, "chosen", "chosen")
+    if not present(row, "prompt") and not isinstance(chosen, list):
+        # Without a prompt, chosen and rejected must be whole conversations: blame chosen, not the prompt.
+        raise BadRow("chosen", "wrong type", f"expected a message list (the row has no 'prompt'), "
+                                             f"got {json_type_name(chosen)}")
     if isinstance(chosen, list) and (not present(row, "prompt") or len(chosen) > 1):
         return shared_prefix_preference(row, notes)
     turns = prompt_turns(row)
