@@ -4,7 +4,8 @@
 
 `dialogtrain.sft.train` runs unchanged; the only addition is a note of this process's RSS right
 before the model is built (after the libraries are imported and the data is encoded) and its peak
-RSS at the end. Each rank writes RUN/memory-rank<R>.json: {"rss_before_model", "peak_rss"} in bytes.
+RSS when training ends (before the export to RUN/final gathers the whole model on rank 0) and at the end.
+Each rank writes RUN/memory-rank<R>.json: {"rss_before_model", "peak_rss_training", "peak_rss"} in bytes.
 """
 
 from __future__ import annotations
@@ -30,11 +31,19 @@ def main() -> None:
         return load_model(*args, **kwargs)
 
     sft.load_model = load_model_noting_rss
+    save_final = sft.save_final
+    trained = []
+
+    def save_final_noting_peak(*args, **kwargs):
+        trained.append(peak_rss_bytes())
+        return save_final(*args, **kwargs)
+
+    sft.save_final = save_final_noting_peak
     with distributed_world() as world:
         sft.train(run_json, world)
     rank = int(os.environ.get("RANK", 0))
     (run_json.parent / f"memory-rank{rank}.json").write_text(
-        json.dumps({"rss_before_model": before[0], "peak_rss": peak_rss_bytes()}) + "\n")
+        json.dumps({"rss_before_model": before[0], "peak_rss_training": trained[0], "peak_rss": peak_rss_bytes()}) + "\n")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,15 @@ from dialogtrain.batching import (
 )
 from dialogtrain.checkpoints import Checkpoints, Progress
 from dialogtrain.distributed import World, distributed_world
-from dialogtrain.engine import boundary_step, build_engine, current_lr, learned_logits, read_ds_config
+from dialogtrain.engine import (
+    boundary_step,
+    build_engine,
+    current_lr,
+    hidden_size,
+    learned_logits,
+    read_ds_config,
+    resolve_auto_sizes,
+)
 from dialogtrain.errors import UserError, exit_on_user_error
 from dialogtrain.export import export_hf_checkpoint, gather_state_dict
 from dialogtrain.losses import DPO_LOSSES, chosen_nll, sequence_logps
@@ -174,7 +182,8 @@ def reference_ds_config(ds_config: dict) -> dict:
 def build_reference_engine(reference: torch.nn.Module, ds_config: dict):
     import deepspeed
 
-    engine, *_ = deepspeed.initialize(model=reference, config=reference_ds_config(ds_config))
+    config = resolve_auto_sizes(reference_ds_config(ds_config), hidden_size(reference))
+    engine, *_ = deepspeed.initialize(model=reference, config=config)
     engine.eval()
     return engine
 

@@ -36,14 +36,49 @@ def warmup_linear_decay(warmup_steps: int, total_steps: int):
     return factor
 
 
+# ZeRO sizes (in parameters) that "auto" in a template or --ds-config stands for, from the model's hidden
+# size h: the first three follow transformers' DeepSpeed integration, with a floor so a tiny model does not
+# make a collective call per layer. Each sized bucket is a buffer every rank allocates (reduce_bucket_size
+# 5e8 is 2 GB of fp32 per rank) and ZeRO-3 keeps up to max_live_parameters gathered, so these sizes are
+# what lets ZeRO-3 hold less per rank than one full replica.
+BUCKET_FLOOR = 2**20
+AUTO_ZERO_SIZES = {
+    "reduce_bucket_size": lambda h: max(h * h, BUCKET_FLOOR),
+    "allgather_bucket_size": lambda h: max(h * h, BUCKET_FLOOR),
+    "stage3_prefetch_bucket_size": lambda h: max(int(0.9 * h * h), BUCKET_FLOOR),
+    "stage3_param_persistence_threshold": lambda h: 10 * h,
+    "stage3_max_live_parameters": lambda h: max(10 * h * h, 10 * BUCKET_FLOOR),
+    "stage3_max_reuse_distance": lambda h: max(10 * h * h, 10 * BUCKET_FLOOR),
+}
+
+
+def resolve_auto_sizes(ds_config: dict, hidden_size: int | None) -> dict:
+    """`ds_config` with every "auto" of AUTO_ZERO_SIZES in `zero_optimization` set from `hidden_size`;
+    without a hidden size (a model config that lacks one) the key is dropped: DeepSpeed's default applies."""
+    config = copy.deepcopy(ds_config)
+    zero = config.get("zero_optimization", {})
+    for key, size in AUTO_ZERO_SIZES.items():
+        if zero.get(key) == "auto":
+            if isinstance(hidden_size, int) and hidden_size > 0:
+                zero[key] = size(hidden_size)
+            else:
+                del zero[key]
+    return config
+
+
+def hidden_size(model: torch.nn.Module) -> int | None:
+    return getattr(getattr(model, "config", None), "hidden_size", None)
+
+
 def build_engine(model: torch.nn.Module, ds_config: dict, warmup_steps: int, total_steps: int):
-    """`deepspeed.initialize` with the run's config. Returns (engine, lr_scheduler).
+    """`deepspeed.initialize` with the run's config ("auto" ZeRO sizes resolved). Returns
+    (engine, lr_scheduler).
 
     The schedule is ours (`warmup_linear_decay`) unless the user's DeepSpeed config names its own.
     """
     import deepspeed
 
-    config = copy.deepcopy(ds_config)
+    config = resolve_auto_sizes(ds_config, hidden_size(model))
     scheduler = None
     if "scheduler" not in config:
         def make_scheduler(optimizer):

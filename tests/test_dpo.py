@@ -208,9 +208,11 @@ def test_precomputed_reference_gives_the_live_losses_and_holds_no_second_model(l
 
     models_during_training = []
     real_train_step = dpo.train_step
+    already_alive = count_models("LlamaForCausalLM")  # kept by earlier tests of the same session, if any
 
     def counting_train_step(engine, *args, **kwargs):
-        models_during_training.append(count_models(type(engine.module).__name__))
+        assert type(engine.module).__name__ == "LlamaForCausalLM"
+        models_during_training.append(count_models("LlamaForCausalLM") - already_alive)
         return real_train_step(engine, *args, **kwargs)
 
     monkeypatch.setattr(dpo, "train_step", counting_train_step)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from dialogtrain.engine import resolve_auto_sizes
 from dialogtrain.errors import UserError
 from dialogtrain.options import PRECISIONS, OptionsError, RunOptions
 from launcher.ds_config import (
@@ -65,9 +66,28 @@ def test_every_template_and_precision_is_accepted_by_deepspeed():
 
     for zero, offload, precision in COMBINATIONS:
         options = run_options(world_size=1, zero=zero, offload=offload, precision=precision)
-        parsed = DeepSpeedConfig(build_ds_config(options, load_template(options)))
+        parsed = DeepSpeedConfig(resolve_auto_sizes(build_ds_config(options, load_template(options)), 576))
         combination = (zero, offload, precision)
         assert (parsed.train_batch_size, parsed.zero_optimization_stage) == (8, zero), combination
+
+
+def test_auto_zero_sizes_follow_the_hidden_size_with_a_floor():
+    zero3 = json.loads((TEMPLATES_DIR / "zero3.json").read_text())
+    assert resolve_auto_sizes(zero3, 576)["zero_optimization"] == {
+        "stage": 3, "contiguous_gradients": True, "reduce_bucket_size": 2**20,  # 576^2 = 331776 < the floor
+        "stage3_prefetch_bucket_size": 2**20, "stage3_param_persistence_threshold": 5760,
+        "stage3_max_live_parameters": 10 * 2**20, "stage3_max_reuse_distance": 10 * 2**20,
+        "stage3_gather_16bit_weights_on_model_save": True}
+    big = resolve_auto_sizes(zero3, 4096)["zero_optimization"]
+    assert (big["reduce_bucket_size"], big["stage3_prefetch_bucket_size"], big["stage3_max_live_parameters"]) == (
+        4096**2, int(0.9 * 4096**2), 10 * 4096**2)
+    zero2 = json.loads((TEMPLATES_DIR / "zero2.json").read_text())
+    assert resolve_auto_sizes(zero2, 2048)["zero_optimization"]["allgather_bucket_size"] == 2048**2
+    # no hidden size: DeepSpeed's own defaults; a number of the user's is kept as written
+    assert "reduce_bucket_size" not in resolve_auto_sizes(zero3, None)["zero_optimization"]
+    mine = {"zero_optimization": {"stage": 2, "reduce_bucket_size": 1000}}
+    assert resolve_auto_sizes(mine, 4096) == mine
+    assert zero3["zero_optimization"]["reduce_bucket_size"] == "auto"  # the input is not modified
 
 
 def test_batch_keys_are_micro_batch_times_grad_accum_times_processes():
