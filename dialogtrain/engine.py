@@ -42,11 +42,12 @@ def warmup_linear_decay(warmup_steps: int, total_steps: int):
 # 5e8 is 2 GB of fp32 per rank) and ZeRO-3 keeps up to max_live_parameters gathered, so these sizes are
 # what lets ZeRO-3 hold less per rank than one full replica.
 BUCKET_FLOOR = 2**20
+PERSISTENCE_FLOOR = 100_000  # DeepSpeed's default: a tiny model stays whole instead of gathering every layer
 AUTO_ZERO_SIZES = {
     "reduce_bucket_size": lambda h: max(h * h, BUCKET_FLOOR),
     "allgather_bucket_size": lambda h: max(h * h, BUCKET_FLOOR),
     "stage3_prefetch_bucket_size": lambda h: max(int(0.9 * h * h), BUCKET_FLOOR),
-    "stage3_param_persistence_threshold": lambda h: 10 * h,
+    "stage3_param_persistence_threshold": lambda h: max(10 * h, PERSISTENCE_FLOOR),
     "stage3_max_live_parameters": lambda h: max(10 * h * h, 10 * BUCKET_FLOOR),
     "stage3_max_reuse_distance": lambda h: max(10 * h * h, 10 * BUCKET_FLOOR),
 }

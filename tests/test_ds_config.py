@@ -75,12 +75,12 @@ def test_auto_zero_sizes_follow_the_hidden_size_with_a_floor():
     zero3 = json.loads((TEMPLATES_DIR / "zero3.json").read_text())
     assert resolve_auto_sizes(zero3, 576)["zero_optimization"] == {
         "stage": 3, "contiguous_gradients": True, "reduce_bucket_size": 2**20,  # 576^2 = 331776 < the floor
-        "stage3_prefetch_bucket_size": 2**20, "stage3_param_persistence_threshold": 5760,
+        "stage3_prefetch_bucket_size": 2**20, "stage3_param_persistence_threshold": 100_000,
         "stage3_max_live_parameters": 10 * 2**20, "stage3_max_reuse_distance": 10 * 2**20,
         "stage3_gather_16bit_weights_on_model_save": True}
     big = resolve_auto_sizes(zero3, 4096)["zero_optimization"]
-    assert (big["reduce_bucket_size"], big["stage3_prefetch_bucket_size"], big["stage3_max_live_parameters"]) == (
-        4096**2, int(0.9 * 4096**2), 10 * 4096**2)
+    assert (big["reduce_bucket_size"], big["stage3_prefetch_bucket_size"], big["stage3_max_live_parameters"],
+            big["stage3_param_persistence_threshold"]) == (4096**2, int(0.9 * 4096**2), 10 * 4096**2, 100_000)
     zero2 = json.loads((TEMPLATES_DIR / "zero2.json").read_text())
     assert resolve_auto_sizes(zero2, 2048)["zero_optimization"]["allgather_bucket_size"] == 2048**2
     # no hidden size: DeepSpeed's own defaults; a number of the user's is kept as written
