@@ -53,15 +53,15 @@ AUTO_ZERO_SIZES = {
 }
 
 
-def resolve_auto_sizes(ds_config: dict, hidden_size: int | None) -> dict:
-    """`ds_config` with every "auto" of AUTO_ZERO_SIZES in `zero_optimization` set from `hidden_size`;
+def resolve_auto_sizes(ds_config: dict, hidden: int | None) -> dict:
+    """`ds_config` with every "auto" of AUTO_ZERO_SIZES in `zero_optimization` set from the hidden size;
     without a hidden size (a model config that lacks one) the key is dropped: DeepSpeed's default applies."""
     config = copy.deepcopy(ds_config)
     zero = config.get("zero_optimization", {})
     for key, size in AUTO_ZERO_SIZES.items():
         if zero.get(key) == "auto":
-            if isinstance(hidden_size, int) and hidden_size > 0:
-                zero[key] = size(hidden_size)
+            if isinstance(hidden, int) and hidden > 0:
+                zero[key] = size(hidden)
             else:
                 del zero[key]
     return config
