@@ -89,7 +89,32 @@ def build_engine(model: torch.nn.Module, ds_config: dict, warmup_steps: int, tot
     params = [p for p in model.parameters() if p.requires_grad]
     engine, _, _, lr_scheduler = deepspeed.initialize(model=model, model_parameters=params, config=config,
                                                       lr_scheduler=scheduler)
+    share_fp32_master_weights(engine.optimizer)
     return engine, lr_scheduler
+
+
+def share_fp32_master_weights(optimizer) -> int:
+    """Under ZeRO-3 with fp32 weights and no offload, let the optimizer update the weight partition itself
+    instead of a second fp32 copy of it. Returns the bytes freed per rank.
+
+    DeepSpeed 0.19 means to share them (the weights are already in the master dtype), but its check compares
+    the partition's `torch.device` with its own device *string* ("cpu", "cuda:0"), which is never equal, so
+    every rank keeps a clone: 4 more bytes per parameter of its partition. The shared tensor keeps its
+    identity (the optimizer's param groups and state are keyed by it); DeepSpeed's copy of the master
+    weights back into the partition after each step becomes a copy onto itself.
+    """
+    masters = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    weights = getattr(optimizer, "fp16_partitioned_groups_flat", None)
+    if not masters or not weights or getattr(optimizer, "offload_optimizer", False) \
+            or getattr(optimizer, "params_in_nvme_and_cpu", False):
+        return 0
+    freed = 0
+    for master, weight in zip(masters, weights):
+        if (master.data_ptr() != weight.data_ptr() and master.dtype == weight.dtype
+                and master.device == weight.device and master.shape == weight.shape):
+            master.data = weight.data
+            freed += weight.numel() * weight.element_size()
+    return freed
 
 
 def current_lr(engine) -> float:

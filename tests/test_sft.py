@@ -79,3 +79,44 @@ def test_loss_falls_and_metrics_are_logged(llama_dir, tmp_path):
     assert evals[-1]["eval_ppl"] == pytest.approx(2.718281828 ** evals[-1]["eval_loss"], rel=1e-4)
     # linear decay to the end: the learning rate of the last step is 1/12 of the peak (no warm-up)
     assert steps[0]["lr"] == pytest.approx(1e-2) and steps[-1]["lr"] == pytest.approx(1e-2 / 12)
+
+
+def test_zero3_fp32_updates_the_weight_partition_in_place_and_matches_zero0(llama_dir, tmp_path):
+    """ZeRO-3 in fp32 keeps one fp32 copy of each rank's partition (DeepSpeed 0.19 alone keeps two), and
+    training with it gives ZeRO-0's weights."""
+    data = write_messages_jsonl(tmp_path / "chats.jsonl")
+    weights, engines = {}, {}
+    for zero in (0, 3):
+        run_dir = tmp_path / f"zero{zero}"
+        run_json = write_run_dir(run_dir, model=str(llama_dir), data=str(data), micro_batch=2, zero=zero, lr=1e-4,
+                                 max_steps=3, precision="fp32", gpus="cpu", seed=3)
+        engines[zero] = train_in_process(run_json)
+        weights[zero] = final_weights(run_dir)
+    optimizer = engines[3].optimizer
+    for master, partition in zip(optimizer.fp32_partitioned_groups_flat, optimizer.fp16_partitioned_groups_flat):
+        assert master.data_ptr() == partition.data_ptr() and master.dtype == torch.float32
+        assert optimizer.optimizer.state[master]["exp_avg"].shape == master.shape  # the optimizer stepped it
+    assert weights[0].keys() == weights[3].keys()
+    for name, tensor in weights[0].items():
+        assert (tensor - weights[3][name]).abs().max().item() < 1e-5, name
+
+
+def test_sharing_the_master_weights_skips_what_it_cannot_share():
+    from types import SimpleNamespace
+
+    from dialogtrain.engine import share_fp32_master_weights
+
+    weight = torch.arange(6, dtype=torch.float32)
+    clone = weight.clone().requires_grad_(True)
+    assert share_fp32_master_weights(SimpleNamespace(fp32_partitioned_groups_flat=[clone],
+                                                     fp16_partitioned_groups_flat=[weight])) == 24
+    assert clone.data_ptr() == weight.data_ptr() and clone.requires_grad
+    bf16 = weight.to(torch.bfloat16)
+    master = bf16.float()
+    assert share_fp32_master_weights(SimpleNamespace(fp32_partitioned_groups_flat=[master],
+                                                     fp16_partitioned_groups_flat=[bf16])) == 0
+    offloaded = weight.clone()
+    assert share_fp32_master_weights(SimpleNamespace(fp32_partitioned_groups_flat=[offloaded], offload_optimizer=True,
+                                                     fp16_partitioned_groups_flat=[weight])) == 0
+    assert offloaded.data_ptr() != weight.data_ptr()
+    assert share_fp32_master_weights(SimpleNamespace()) == 0  # ZeRO-0/1/2 optimizers have no such groups
