@@ -1,15 +1,25 @@
-"""The real SFT worker, with its model-state memory measured: what `make bench` launches for the memory rows.
+"""The real SFT worker, with its memory measured: what `make bench` launches for the memory rows.
 
     torchrun ... -m bench.memory_worker RUN/run.json
 
-`dialogtrain.sft.train` runs unchanged; the only addition is a note of this process's RSS right
-before the model is built (after the libraries are imported and the data is encoded) and its peak
-RSS when training ends (before the export to RUN/final gathers the whole model on rank 0) and at the end.
-Each rank writes RUN/memory-rank<R>.json: {"rss_before_model", "peak_rss_training", "peak_rss"} in bytes.
+`dialogtrain.sft.train` runs unchanged; the only additions are notes of this process's memory:
+- `rss_before_model`, `tensor_bytes_before_model`: RSS, and the bytes of live CPU tensors, right before
+  the model is built (libraries imported, data encoded);
+- `tensor_bytes_at_update`: the largest total of the live CPU tensors' storages (each storage counted
+  once) at an optimizer update, after the last backward of the step and before the update. There the
+  rank's model states are all live (weights, gradients, and from the second step on the optimizer
+  states) with the buffers that live with them, and the activations, which ZeRO does not shard and
+  which are the same on both sides, are freed. Counted from the tensors, not from RSS: glibc keeps
+  freed memory, so RSS at that moment says more about the allocator's history than about what is live;
+- `peak_rss_training`: peak RSS when training ends (before the export to RUN/final gathers the whole
+  model on rank 0), and `peak_rss` at the end.
+Each rank writes RUN/memory-rank<R>.json with these, in bytes. Counting the tensors (a walk of the
+garbage collector's objects) allocates nothing big, so the peak is that of an unobserved run.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -18,32 +28,50 @@ from pathlib import Path
 from bench.timing import peak_rss_bytes, rss_bytes
 
 
+def live_tensor_bytes() -> int:
+    """Bytes of every distinct CPU tensor storage that Python objects hold, the gradients of leaf tensors
+    included (autograd writes `.grad` from C++, so a gradient nobody has read has no Python object)."""
+    import torch
+
+    storages = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor):
+            grad = obj.grad if obj.is_leaf and obj.requires_grad else None
+            for tensor in (obj, grad):
+                if tensor is not None and tensor.device.type == "cpu":
+                    storage = tensor.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
 def main() -> None:
     import dialogtrain.sft as sft
     from dialogtrain.distributed import distributed_world
 
     run_json = Path(sys.argv[1])
-    before = []
-    load_model = sft.load_model
+    notes = {"tensor_bytes_at_update": 0}
+    load_model, boundary_step, save_final = sft.load_model, sft.boundary_step, sft.save_final
 
-    def load_model_noting_rss(*args, **kwargs):
-        before.append(rss_bytes())
+    def load_model_noting_memory(*args, **kwargs):
+        notes["rss_before_model"] = rss_bytes()
+        notes["tensor_bytes_before_model"] = live_tensor_bytes()
         return load_model(*args, **kwargs)
 
-    sft.load_model = load_model_noting_rss
-    save_final = sft.save_final
-    trained = []
+    def boundary_step_noting_model_states(engine):
+        gc.collect()
+        notes["tensor_bytes_at_update"] = max(notes["tensor_bytes_at_update"], live_tensor_bytes())
+        return boundary_step(engine)
 
     def save_final_noting_peak(*args, **kwargs):
-        trained.append(peak_rss_bytes())
+        notes["peak_rss_training"] = peak_rss_bytes()
         return save_final(*args, **kwargs)
 
-    sft.save_final = save_final_noting_peak
+    sft.load_model, sft.boundary_step, sft.save_final = load_model_noting_memory, boundary_step_noting_model_states, \
+        save_final_noting_peak
     with distributed_world() as world:
         sft.train(run_json, world)
     rank = int(os.environ.get("RANK", 0))
-    (run_json.parent / f"memory-rank{rank}.json").write_text(
-        json.dumps({"rss_before_model": before[0], "peak_rss_training": trained[0], "peak_rss": peak_rss_bytes()}) + "\n")
+    (run_json.parent / f"memory-rank{rank}.json").write_text(json.dumps({**notes, "peak_rss": peak_rss_bytes()}) + "\n")
 
 
 if __name__ == "__main__":

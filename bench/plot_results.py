@@ -41,13 +41,17 @@ def plot_results(result: dict, path: Path) -> Path:
     ax.set_title(f"MFU (peak {head['peak_flops'] / 1e9:.0f} GFLOP/s {head['precision']}; red: 30% target)")
 
     ax = axes[1][0]
-    mib = [r["memory_zero0"]["model_state_bytes"] / 2**20, r["memory_zero3"]["model_state_bytes"] / 2**20]
-    bars = ax.bar(["ZeRO-0, 1 process", "ZeRO-3, 2 processes"], mib, color=["tab:blue", "tab:green"])
-    ax.axhline(0.6 * mib[0], color="tab:red", linestyle="--")
-    for bar in bars:
-        ax.annotate(f"{bar.get_height():.0f} MiB", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                    ha="center", va="bottom")
-    ax.set_title("model-state memory per rank (red: 0.6 x ZeRO-0)")
+    for offset, key, label in ((-0.2, "model_state_bytes", "model states"), (0.2, "peak_bytes", "peak RSS")):
+        mib = [r["memory_zero0"][key] / 2**20, r["memory_zero3"][key] / 2**20]
+        bars = ax.bar([offset, 1 + offset], mib, width=0.4, label=label,
+                      color="tab:green" if key == "model_state_bytes" else "tab:gray")
+        ax.plot([offset - 0.2, 1 + offset + 0.2], [0.6 * mib[0]] * 2, color="tab:red", linestyle="--")
+        for bar in bars:
+            ax.annotate(f"{bar.get_height():.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom")
+    ax.set_xticks([0, 1], ["ZeRO-0, 1 process", "ZeRO-3, 2 processes"])
+    ax.legend()
+    ax.set_title("memory per rank, MiB (red: 0.6 x ZeRO-0)")
 
     ax = axes[1][1]
     labels = ["held-out SFT loss", "held-out DPO\nreward accuracy"]

@@ -18,8 +18,11 @@ What is measured, and how:
   is charged the same way (its pass covers train + held-out pairs, as TRL's does).
 - MFU: 6 x parameters x tokens/s over the matmul peak measured here (square matmuls in the run's
   precision, every core; best of sizes, median of 3), for both sides' SFT throughput.
-- Model-state memory per rank: peak RSS minus RSS right before the model is built (bench.memory_worker
-  around the real SFT worker), ZeRO-0 on 1 process vs ZeRO-3 on 2 (the larger rank), same workload.
+- Memory per rank, ZeRO-0 on 1 process (grad-accum 2) vs ZeRO-3 on 2 (the larger rank), the same
+  global batch and so the same micro-batches, of the real SFT worker (bench.memory_worker around it):
+  model states = live CPU tensor bytes at the optimizer update (weights, gradients, optimizer states;
+  activations freed) minus those before the model; peak = peak RSS of training minus RSS right
+  before the model is built (activations and allocator slack included).
 - Start-up: wall time of `dialogtrain --help` and of an `sft --dry-run`, medians of 5.
 - Learning: held-out assistant-token loss after SFT (same rule and encoding on both sides) and
   held-out reward accuracy after DPO (live-reference runs), after the same steps.
@@ -230,8 +233,13 @@ def trl_config(model: str, plan: Plan, precision: str, **fields) -> dict:
 # memory and start-up
 
 
-def memory_run(model: str, data: dict, plan: Plan, precision: str, out: Path, zero: int, nproc: int) -> dict:
-    """Model-state bytes per rank (the largest rank) of the real SFT worker at `zero` on `nproc` processes."""
+def memory_run(model: str, data: dict, plan: Plan, precision: str, out: Path, zero: int, nproc: int,
+               grad_accum: int = 1) -> dict:
+    """Memory per rank (the largest rank) of the real SFT worker at `zero` on `nproc` processes.
+
+    model_state_bytes: live tensor bytes at the optimizer updates (model states live, activations freed;
+    bench.memory_worker) minus those before the model; peak_bytes: peak RSS of training (the export after it excluded) minus RSS before the model.
+    """
     from dialogtrain.options import RunOptions
     from launcher.ds_config import build_ds_config, load_template
     from launcher.run_dir import write_run_dir
@@ -240,8 +248,9 @@ def memory_run(model: str, data: dict, plan: Plan, precision: str, out: Path, ze
     shutil.rmtree(run_dir, ignore_errors=True)
     options = RunOptions.from_flat("sft", {
         "model": model, "data": data["sft_train"], "output": str(run_dir), "gpus": "cpu", "nproc": nproc,
-        "zero": zero, "precision": precision, "micro_batch": plan.micro_batch, "max_steps": plan.memory_steps,
-        "max_length": plan.max_length, "lr": plan.sft_lr, "seed": plan.seed}, world_size=nproc)
+        "zero": zero, "precision": precision, "micro_batch": plan.micro_batch, "grad_accum": grad_accum,
+        "max_steps": plan.memory_steps, "max_length": plan.max_length, "lr": plan.sft_lr, "seed": plan.seed},
+        world_size=nproc)
     write_run_dir(run_dir, options, build_ds_config(options, load_template(options)), "# bench.memory_worker\n")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -253,7 +262,9 @@ def memory_run(model: str, data: dict, plan: Plan, precision: str, out: Path, ze
     env = quiet_env(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(max(1, cores() // nproc)))
     run_checked(argv, out / "logs" / f"memory-zero{zero}-x{nproc}.log", env=env)
     ranks = [json.loads((run_dir / f"memory-rank{r}.json").read_text()) for r in range(nproc)]
-    return {"model_state_bytes": max(r["peak_rss"] - r["rss_before_model"] for r in ranks), "ranks": ranks}
+    return {"model_state_bytes": max(r["tensor_bytes_at_update"] - r["tensor_bytes_before_model"] for r in ranks),
+            "peak_bytes": max(r["peak_rss_training"] - r["rss_before_model"] for r in ranks),
+            "nproc": nproc, "grad_accum": grad_accum, "ranks": ranks}
 
 
 def startup_times(model: str, data: dict, out: Path, repeats: int) -> dict:
@@ -313,7 +324,9 @@ def build_rows(r: dict, plan: Plan) -> list[dict]:
     sft_ratio = r["ours_sft"]["tokens_per_s"] / r["trl_sft"]["tokens_per_s"]
     live_ratio = r["ours_dpo"]["pairs_per_s"] / r["trl_dpo"]["pairs_per_s"]
     ours_pre, trl_pre = charged_pairs_per_s(r["ours_dpo_pre"], plan), charged_pairs_per_s(r["trl_dpo_pre"], plan)
-    memory_ratio = r["memory_zero3"]["model_state_bytes"] / r["memory_zero0"]["model_state_bytes"]
+    zero0, zero3 = r["memory_zero0"], r["memory_zero3"]
+    memory_ratio = zero3["model_state_bytes"] / zero0["model_state_bytes"]
+    peak_ratio = zero3["peak_bytes"] / zero0["peak_bytes"]
     loss_ours, loss_trl = r["ours_sft"]["eval_loss"], r["trl_sft"]["eval_loss"]
     acc_ours, acc_trl = r["ours_dpo"]["eval_reward_accuracy"], r["trl_dpo"]["eval_reward_accuracy"]
     one_pair = 1 / plan.dpo_held_out
@@ -326,10 +339,12 @@ def build_rows(r: dict, plan: Plan) -> list[dict]:
             f"{r['trl_dpo']['pairs_per_s']:.2f}", f"{live_ratio:.2f}x", ">= 2x", live_ratio >= 2),
         row("DPO pairs/s, precomputed reference (incl. precompute)", f"{ours_pre:.2f}", f"{trl_pre:.2f}",
             f"{ours_pre / trl_pre:.2f}x", ">= 1.5x", ours_pre / trl_pre >= 1.5),
-        row("model-state memory per rank: ZeRO-0 x1 -> ZeRO-3 x2",
-            f"{r['memory_zero0']['model_state_bytes'] / 2**20:.0f} MiB -> "
-            f"{r['memory_zero3']['model_state_bytes'] / 2**20:.0f} MiB", "", f"{memory_ratio:.2f}x", "<= 0.6x",
-            memory_ratio <= 0.6),
+        row("model-state memory per rank (live tensors at the update): ZeRO-0 x1 -> ZeRO-3 x2",
+            f"{zero0['model_state_bytes'] / 2**20:.0f} MiB -> {zero3['model_state_bytes'] / 2**20:.0f} MiB", "",
+            f"{memory_ratio:.2f}x", "<= 0.6x", memory_ratio <= 0.6),
+        row("peak memory per rank (peak RSS, activations included): ZeRO-0 x1 -> ZeRO-3 x2",
+            f"{zero0['peak_bytes'] / 2**20:.0f} MiB -> {zero3['peak_bytes'] / 2**20:.0f} MiB", "",
+            f"{peak_ratio:.2f}x", "<= 0.6x", peak_ratio <= 0.6),
         row("`dialogtrain --help` wall time", f"{r['startup']['help_s']:.2f} s", "", "", "< 0.5 s",
             r["startup"]["help_s"] < 0.5),
         row("`dialogtrain sft --dry-run` wall time", f"{r['startup']['dry_run_s']:.2f} s", "", "", "", None),
@@ -407,7 +422,9 @@ def run(plan: Plan, model: str, out: Path, asked_precision: str, quick: bool, de
             model, plan, precision, train=data["trl_dpo_train"], eval=data["trl_dpo_eval"], steps=plan.dpo_steps,
             lr=plan.dpo_lr, beta=plan.beta, precompute=precompute), out, f"trl-{name.replace('_', '-')}")
     progress("memory: ZeRO-0 on 1 process, ZeRO-3 on 2")
-    r["memory_zero0"] = memory_run(model, data, plan, precision, out, zero=0, nproc=1)
+    # the same global batch on both sides: the one ZeRO-0 process runs, one after the other, exactly the
+    # micro-batches the two ZeRO-3 ranks run side by side (same shapes, so the same activations)
+    r["memory_zero0"] = memory_run(model, data, plan, precision, out, zero=0, nproc=1, grad_accum=2)
     r["memory_zero3"] = memory_run(model, data, plan, precision, out, zero=3, nproc=2)
     progress("chat (bench/chat.py)")
     r["chat"] = chat_rows(quick, out) if default_workload else None  # it measures SmolLM2 only

@@ -14,7 +14,7 @@ from bench.timing import throughput
 from tests.conftest import REPO
 
 ROWS = ["SFT tokens/s", "SFT MFU", "DPO pairs/s, TRL default reference", "DPO pairs/s, precomputed reference",
-        "model-state memory per rank", "`dialogtrain --help`", "`dialogtrain sft --dry-run`",
+        "model-state memory per rank", "peak memory per rank", "`dialogtrain --help`", "`dialogtrain sft --dry-run`",
         "held-out assistant-token loss", "held-out reward accuracy"]
 
 
@@ -39,6 +39,23 @@ def test_auto_precision_runs_bf16_only_where_it_is_not_slower():
     assert choose_precision("bf16", {"fp32": 50e9, "bf16": 1e9})[0] == "bf16"
 
 
+def test_live_tensor_bytes_counts_each_storage_once():
+    import torch
+
+    from bench.memory_worker import live_tensor_bytes
+
+    before = live_tensor_bytes()
+    block = torch.zeros(1000, 1000)  # 4 MB
+    views = [block[:10], block.view(-1), block.t()]  # no new storage
+    other = torch.zeros(500, dtype=torch.float64)  # 4000 bytes
+    assert live_tensor_bytes() - before == 4_000_000 + 4000
+    weight = torch.nn.Parameter(torch.ones(250))  # 1000 bytes
+    (weight * 2).sum().backward()  # a 1000-byte gradient that only autograd has touched
+    assert live_tensor_bytes() - before == 4_000_000 + 4000 + 2000
+    del block, views, other, weight
+    assert live_tensor_bytes() == before
+
+
 @pytest.mark.slow
 def test_quick_bench_on_a_tiny_model_produces_every_row(llama_dir, tmp_path):
     """About 2-3 minutes on 2 cores: every training run of both sides, memory, start-up, table, JSON, PNG."""
@@ -54,6 +71,7 @@ def test_quick_bench_on_a_tiny_model_produces_every_row(llama_dir, tmp_path):
     for figure in (r["ours_sft"]["tokens_per_s"], r["trl_sft"]["tokens_per_s"], r["ours_dpo"]["pairs_per_s"],
                    r["trl_dpo"]["pairs_per_s"], r["trl_dpo_pre"]["precompute_s"], r["ours_dpo_pre"]["precompute_s"],
                    r["mfu_ours"], r["memory_zero0"]["model_state_bytes"], r["memory_zero3"]["model_state_bytes"],
+                   r["memory_zero0"]["peak_bytes"], r["memory_zero3"]["peak_bytes"],
                    r["ours_sft"]["eval_loss"], r["trl_sft"]["eval_loss"]):
         assert math.isfinite(figure) and figure > 0
     png = (tmp_path / "results.png").read_bytes()
