@@ -380,7 +380,7 @@ def train(run_json: Path, world: World):
     while step < total_steps:
         # A resumed epoch starts after the `position` batches its checkpoint had trained on.
         batches = step_batches(len(train_set), options.global_batch, options.schedule.seed, epoch,
-                               lengths)[position:]  # length-grouped: little padding
+                               lengths if options.data.group_by_length else None)[position:]
         for batch_indices in batches:
             if step >= total_steps:
                 break

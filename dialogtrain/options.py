@@ -56,6 +56,7 @@ class DataOptions:
     eval_data: str | None = None
     max_length: int = 512
     skip_bad_rows: bool = False
+    group_by_length: bool = False
 
     def problems(self) -> list[str]:
         out = [] if self.data else [f"{flag('data')} is required"]

@@ -28,6 +28,8 @@ HELP = {
     "eval_data": "evaluation data, in the same forms as --data",
     "max_length": "tokens per example; longer conversations lose their oldest turns",
     "skip_bad_rows": "drop invalid rows (and count them) instead of stopping",
+    "group_by_length": "put examples of similar length in the same step: ~1.5x the tokens/s (little padding "
+                       "computed), but each step sees less varied examples, which can cost learning per step",
     "lr": "peak learning rate (AdamW)",
     "weight_decay": "AdamW weight decay",
     "warmup_steps": "optimizer steps of linear warm-up before the linear decay to 0",

@@ -120,3 +120,23 @@ def test_sharing_the_master_weights_skips_what_it_cannot_share():
                                                      fp16_partitioned_groups_flat=[weight])) == 0
     assert offloaded.data_ptr() != weight.data_ptr()
     assert share_fp32_master_weights(SimpleNamespace()) == 0  # ZeRO-0/1/2 optimizers have no such groups
+
+
+def test_group_by_length_chooses_between_grouped_and_plain_shuffled_batches(llama_dir, tmp_path, monkeypatch):
+    import dialogtrain.sft as sft
+    from dialogtrain.batching import step_batches
+
+    seen = []
+
+    def recording(num_examples, global_batch, seed, epoch, lengths=None):
+        batches = step_batches(num_examples, global_batch, seed, epoch, lengths)
+        seen.append((lengths is not None, batches == step_batches(num_examples, global_batch, seed, epoch)))
+        return batches
+
+    monkeypatch.setattr(sft, "step_batches", recording)
+    data = write_messages_jsonl(tmp_path / "chats.jsonl")
+    for group in (True, False):
+        run_json = write_run_dir(tmp_path / f"group-{group}", model=str(llama_dir), data=str(data), micro_batch=2,
+                                 max_steps=1, precision="fp32", gpus="cpu", seed=3, group_by_length=group)
+        train_in_process(run_json)
+    assert seen == [(True, False), (False, True)]  # grouped batches differ from the plain shuffle here
