@@ -182,6 +182,7 @@ def ours_sft(model: str, data: dict, plan: Plan, precision: str, out: Path) -> d
 def ours_dpo(model: str, data: dict, plan: Plan, precision: str, out: Path, precompute: bool) -> dict:
     name = "ours-dpo-precomputed" if precompute else "ours-dpo"
     run_dir = out / name
+    shutil.rmtree(run_dir, ignore_errors=True)  # a reference cache of an earlier run would skip the precompute
     log = run_checked([*dialogtrain_command(), "dpo", "--model", model, "--data", data["dpo_train"],
                        "--eval-data", data["dpo_eval"], "--output", str(run_dir), "--beta", str(plan.beta),
                        *(["--precompute-ref"] if precompute else []),
