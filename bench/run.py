@@ -239,7 +239,8 @@ def memory_run(model: str, data: dict, plan: Plan, precision: str, out: Path, ze
     """Memory per rank (the largest rank) of the real SFT worker at `zero` on `nproc` processes.
 
     model_state_bytes: live tensor bytes at the optimizer updates (model states live, activations freed;
-    bench.memory_worker) minus those before the model; peak_bytes: peak RSS of training (the export after it excluded) minus RSS before the model.
+    bench.memory_worker) minus those before the model; peak_bytes: peak RSS of training (the export after
+    it excluded) minus RSS before the model.
     """
     from dialogtrain.options import RunOptions
     from launcher.ds_config import build_ds_config, load_template
