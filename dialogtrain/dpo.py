@@ -31,26 +31,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dialogtrain.attention import prepare_for_packing
 from dialogtrain.batching import (
+    Collate,
+    choose_collate,
     collate_preferences,
     eval_micro_batches_of_rank,
+    input_token_count,
     micro_batches_of_rank,
     step_batches,
 )
 from dialogtrain.checkpoints import Checkpoints, Progress
 from dialogtrain.distributed import World, distributed_world
 from dialogtrain.engine import (
+    batch_sequence_logps,
     boundary_step,
     build_engine,
     current_lr,
     hidden_size,
-    learned_logits,
     read_ds_config,
     resolve_auto_sizes,
 )
 from dialogtrain.errors import UserError, exit_on_user_error
 from dialogtrain.export import export_hf_checkpoint, gather_state_dict
-from dialogtrain.losses import DPO_LOSSES, chosen_nll, sequence_logps
+from dialogtrain.losses import DPO_LOSSES, chosen_nll
 from dialogtrain.metrics import mfu, open_metrics, peak_flops, train_flops_per_token
 from dialogtrain.model import load_model, load_tokenizer, resolve_model_path
 from dialogtrain.options import RunOptions
@@ -92,7 +96,7 @@ class LiveReference:
     @torch.no_grad()
     def logps(self, indices: list[int], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """(2B,) summed completion log-probs of the batch's rows (chosen, then rejected), fp32."""
-        return sequence_logps(learned_logits(self.engine, batch), batch["labels"])[0]
+        return batch_sequence_logps(self.engine, batch)[0]
 
 
 class CachedReference:
@@ -107,7 +111,7 @@ class CachedReference:
 
 
 def setup_reference(options: RunOptions, policy: torch.nn.Module, tokenizer, ds_config: dict,
-                    train_set: list[dict], eval_set: list[dict], run_dir: Path, world: World
+                    train_set: list[dict], eval_set: list[dict], run_dir: Path, world: World, collate: Collate
                     ) -> tuple[LiveReference | CachedReference, LiveReference | CachedReference]:
     """(train reference, eval reference). Call before the policy's engine exists (ZeRO-3 partitions it).
 
@@ -116,7 +120,7 @@ def setup_reference(options: RunOptions, policy: torch.nn.Module, tokenizer, ds_
     model and its engine are released before returning, so training holds the policy only.
     """
     if not options.dpo.precompute_ref:
-        reference = LiveReference(build_reference_engine(load_reference_model(options, policy, tokenizer),
+        reference = LiveReference(build_reference_engine(load_reference_model(options, policy, tokenizer, collate),
                                                          ds_config))
         world.print(f"reference: {options.model.ref_model or 'a frozen copy of --model'}, ZeRO stage "
                     f"{reference.engine.zero_optimization_stage()}, kept for the whole run")
@@ -130,9 +134,9 @@ def setup_reference(options: RunOptions, policy: torch.nn.Module, tokenizer, ds_
     if found_everywhere:
         world.print(f"reference log-probs: reusing {cache}")
     else:
-        engine = build_reference_engine(load_reference_model(options, policy, tokenizer), ds_config)
+        engine = build_reference_engine(load_reference_model(options, policy, tokenizer, collate), ds_config)
         started = time.perf_counter()
-        table = precompute_reference_logps(LiveReference(engine), examples, options, world, tokenizer.pad_token_id)
+        table = precompute_reference_logps(LiveReference(engine), examples, options, world, collate)
         if world.is_main:
             tmp = cache.with_name(cache.name + ".tmp")
             torch.save({"fingerprint": fingerprint, "logps": table}, tmp)
@@ -146,16 +150,21 @@ def setup_reference(options: RunOptions, policy: torch.nn.Module, tokenizer, ds_
     return CachedReference(table[:len(train_set)]), CachedReference(table[len(train_set):])
 
 
-def load_reference_model(options: RunOptions, policy: torch.nn.Module, tokenizer) -> torch.nn.Module:
+def load_reference_model(options: RunOptions, policy: torch.nn.Module, tokenizer, collate: Collate
+                         ) -> torch.nn.Module:
     """--ref-model, or a copy of the starting policy; eval mode, no gradients.
 
-    A --ref-model must share the policy's tokenizer: both score the same token ids.
+    A --ref-model must share the policy's tokenizer: both score the same token ids; and, when the
+    policy's batches are packed, keep packed examples apart too: both score the same batches.
     """
     if options.model.ref_model:
         reference, ref_tokenizer = load_model(options.model.ref_model, options.model.trust_remote_code)
         if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
             raise UserError(f"--ref-model {options.model.ref_model}: its tokenizer differs from --model's "
                             f"{options.model.model}; both models must score the same token ids")
+        if collate.keywords["packed"] and not prepare_for_packing(reference):
+            raise UserError(f"--ref-model {options.model.ref_model}: it lets examples packed into one row attend "
+                            f"to each other, unlike --model; run with --no-packing")
     else:
         reference = copy.deepcopy(policy)
     reference.eval()
@@ -214,7 +223,7 @@ def read_reference_cache(path: Path, fingerprint: str) -> torch.Tensor | None:
 
 @torch.no_grad()
 def precompute_reference_logps(reference: LiveReference, examples: list[dict], options: RunOptions,
-                               world: World, pad_id: int) -> torch.Tensor:
+                               world: World, collate: Collate) -> torch.Tensor:
     """(N, 2) reference log-probs (chosen, rejected) of every pair, the same on every rank.
 
     Each rank scores its share; each entry is written by exactly one rank into a zero table, so the
@@ -225,7 +234,7 @@ def precompute_reference_logps(reference: LiveReference, examples: list[dict], o
     table = torch.zeros(len(examples), 2, dtype=torch.float64, device=world.device)
     for indices in eval_micro_batches_of_rank(len(examples), world.rank, world.size, options.optim.micro_batch):
         # A rank out of pairs still runs a forward (ZeRO-3 gathers are collective) and writes nothing.
-        batch = to_device(collate_preferences([examples[i] for i in indices or [0]], pad_id), world.device)
+        batch = to_device(collate([examples[i] for i in indices or [0]]), world.device)
         chosen, rejected = reference.logps(indices, batch).chunk(2)
         if indices:
             table[indices] = torch.stack([chosen, rejected], dim=1).double()
@@ -276,7 +285,7 @@ def score_pairs(logps: torch.Tensor, n_tokens: torch.Tensor, ref_logps: torch.Te
 
 
 def train_step(engine, reference, examples: list[dict], lengths: list[int], step: list[int], options: RunOptions,
-               world: World, pad_id: int) -> dict[str, float]:
+               world: World, collate: Collate) -> dict[str, float]:
     """One optimizer step over the global batch `step` (pair indices, identical on every rank).
 
     Returns the step's pair metrics as means over all its pairs (all micro-batches, all ranks).
@@ -288,9 +297,9 @@ def train_step(engine, reference, examples: list[dict], lengths: list[int], step
     micro_batches = micro_batches_of_rank(step, lengths, world.rank, world.size, options.optim.micro_batch)
     sums, input_tokens, target_tokens, grad_norm = dict.fromkeys(PAIR_METRICS, 0.0), 0, 0, math.nan
     for k, indices in enumerate(micro_batches):
-        batch = to_device(collate_preferences([examples[i] for i in indices], pad_id), world.device)  # 2B rows
+        batch = to_device(collate([examples[i] for i in indices]), world.device)  # 2B sequences
         ref_logps = reference.logps(indices, batch)  # (2B,), before the policy's activations exist
-        logps, n_tokens = sequence_logps(learned_logits(engine, batch), batch["labels"])  # (2B,) each, fp32
+        logps, n_tokens = batch_sequence_logps(engine, batch)  # (2B,) each, fp32
         losses, micro_sums = score_pairs(logps, n_tokens, ref_logps, options)
         engine.backward(losses.sum() / step_pairs * backward_scale)
         if k == len(micro_batches) - 1:
@@ -298,7 +307,7 @@ def train_step(engine, reference, examples: list[dict], lengths: list[int], step
         else:
             engine.step()
         sums = {name: sums[name] + micro_sums[name] for name in PAIR_METRICS}
-        input_tokens += int(batch["attention_mask"].sum())
+        input_tokens += input_token_count(batch)
         target_tokens += int(n_tokens.sum())
     *totals, input_tokens, target_tokens = world.sum(*sums.values(), input_tokens, target_tokens)
     means = {name: total / step_pairs for name, total in zip(PAIR_METRICS, totals, strict=True)}
@@ -307,15 +316,15 @@ def train_step(engine, reference, examples: list[dict], lengths: list[int], step
 
 @torch.no_grad()
 def evaluate(engine, reference, examples: list[dict], options: RunOptions, world: World,
-             pad_id: int) -> dict[str, float]:
+             collate: Collate) -> dict[str, float]:
     """The pair metrics as means over the whole eval set, all ranks together, prefixed `eval_`."""
     engine.eval()
     sums, pairs = dict.fromkeys(PAIR_METRICS, 0.0), 0
     for indices in eval_micro_batches_of_rank(len(examples), world.rank, world.size, options.optim.micro_batch):
         # A rank out of pairs still runs a forward (ZeRO-3 gathers are collective) and counts nothing.
-        batch = to_device(collate_preferences([examples[i] for i in indices or [0]], pad_id), world.device)
+        batch = to_device(collate([examples[i] for i in indices or [0]]), world.device)
         ref_logps = reference.logps(indices or [0], batch)
-        logps, n_tokens = sequence_logps(learned_logits(engine, batch), batch["labels"])
+        logps, n_tokens = batch_sequence_logps(engine, batch)
         _, micro_sums = score_pairs(logps, n_tokens, ref_logps, options)
         if indices:
             sums = {name: sums[name] + micro_sums[name] for name in PAIR_METRICS}
@@ -359,6 +368,7 @@ def train(run_json: Path, world: World):
     model, tokenizer = load_model(options.model.model, options.model.trust_remote_code, options.model.chat_template)
     checkpoints.check_space(model)
     disable_dropout(model)
+    collate = choose_collate(collate_preferences, options.data.packing, model, tokenizer.pad_token_id, world.print)
     lengths = [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in train_set]
     steps_per_epoch, total_steps = plan_steps(options, len(train_set))
     world.print(f"plan: {len(train_set)} pairs, global batch {options.global_batch} pairs = micro-batch "
@@ -367,14 +377,14 @@ def train(run_json: Path, world: World):
                 f"--beta {options.dpo.beta}, reference "
                 f"{'precomputed' if options.dpo.precompute_ref else 'live'}")
     ds_config = read_ds_config(run_dir / "ds_config.json", total_steps)
-    train_ref, eval_ref = setup_reference(options, model, tokenizer, ds_config, train_set, eval_set, run_dir, world)
+    train_ref, eval_ref = setup_reference(options, model, tokenizer, ds_config, train_set, eval_set, run_dir, world,
+                                         collate)
     engine, _ = build_engine(model, checkpoints.ds_config(ds_config), options.optim.warmup_steps, total_steps)
     # mfu counts the policy's 6N FLOPs per token; a live reference's forward (2N more) is not in it
     flops_per_token, peak = train_flops_per_token(model), peak_flops(options.optim.precision, world)
     progress = checkpoints.restore(engine)  # Progress() unless resuming
     engine.train()  # from_pretrained returns eval mode; training has dropout from its first step, resumed or not
     log = open_metrics(run_dir, world.is_main, total_steps, progress.step)
-    pad_id = tokenizer.pad_token_id
 
     step, epoch, position = progress.step, progress.epoch, progress.position
     while step < total_steps:
@@ -386,7 +396,7 @@ def train(run_json: Path, world: World):
                 break
             lr = current_lr(engine)
             started = time.perf_counter()
-            stats = train_step(engine, train_ref, train_set, lengths, batch_indices, options, world, pad_id)
+            stats = train_step(engine, train_ref, train_set, lengths, batch_indices, options, world, collate)
             seconds = time.perf_counter() - started
             step, position = step + 1, position + 1
             skipped = checkpoints.check_loss(engine, stats["loss"], step)  # NaN/inf: TrainingError
@@ -396,7 +406,7 @@ def train(run_json: Path, world: World):
                       "tokens_per_s": tokens_per_s, "mfu": mfu(flops_per_token, tokens_per_s, peak),
                       "input_tokens": stats["input_tokens"], "target_tokens": stats["target_tokens"], **skipped}
             if options.schedule.eval_every and step % options.schedule.eval_every == 0 and eval_set:
-                record.update(evaluate(engine, eval_ref, eval_set, options, world, pad_id))
+                record.update(evaluate(engine, eval_ref, eval_set, options, world, collate))
             if step % options.schedule.log_every == 0 or "eval_loss" in record or step == total_steps:
                 log.log(record)
             log.progress(1, **pair_metrics, lr=lr, tok_s=tokens_per_s, mfu=record["mfu"])
@@ -404,7 +414,7 @@ def train(run_json: Path, world: World):
         epoch, position = epoch + 1, 0
 
     if eval_set:
-        final_eval = evaluate(engine, eval_ref, eval_set, options, world, pad_id)
+        final_eval = evaluate(engine, eval_ref, eval_set, options, world, collate)
         log.log({"step": step, "epoch": epoch, **final_eval})
         world.print(f"eval: loss {final_eval['eval_loss']:.4f}, reward accuracy "
                     f"{final_eval['eval_rewards/accuracies']:.3f}, margin {final_eval['eval_rewards/margins']:.4f}")

@@ -152,11 +152,21 @@ def learned_logits(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     LM head never run elsewhere (for SmolLM2's 49k vocabulary, the head and its log-softmax over every
     position cost a fifth of the step); (B, T, V) everywhere for a model whose forward lacks
     transformers' `logits_to_keep`. losses.sequence_logps takes either.
+    A packed batch passes its position ids and no attention mask (batching.collate_packed).
     """
     from dialogtrain.losses import learned_positions
 
-    keep = {"logits_to_keep": learned_positions(batch["labels"])} if keeps_logits(engine.module) else {}
-    return engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **keep).logits
+    inputs = {name: batch[name] for name in ("input_ids", "attention_mask", "position_ids") if name in batch}
+    if keeps_logits(engine.module):
+        inputs["logits_to_keep"] = learned_positions(batch["labels"])
+    return engine(**inputs).logits
+
+
+def batch_sequence_logps(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logps (S,), n_tokens (S,)) of the S examples of a collated batch, padded or packed."""
+    from dialogtrain.losses import sequence_logps
+
+    return sequence_logps(learned_logits(engine, batch), batch["labels"], batch.get("sequence_ids"))
 
 
 def keeps_logits(model: torch.nn.Module) -> bool:

@@ -38,36 +38,43 @@ def learned_positions(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def learned_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logps (N,), rows (N,)) of the N learned tokens from logits computed at learned_positions only.
+def learned_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(N,) log-probs of the N learned tokens from logits computed at learned_positions only.
 
     logits: (N, V), the rows of a (B, T, V) logits tensor at learned_positions(labels) in row-major
     order (what transformers returns for `logits_to_keep=learned_positions(labels)`); labels: (B, T).
-    logps[i] = log softmax(logits[i])[next token], fp32; rows[i] = its sequence b.
+    logps[i] = log softmax(logits[i])[next token], fp32.
     """
     keep = learned_positions(labels)  # (B, T)
     if logits.dim() != 2 or logits.size(0) != int(keep.sum()):
         raise ValueError(f"(N, V) logits at the {int(keep.sum())} learned positions of labels {tuple(labels.shape)} "
                          f"expected, got {tuple(logits.shape)}")
     targets = labels[:, 1:][keep[:, :-1]]  # (N,), row-major like the logits
-    nll = F.cross_entropy(logits.float(), targets, reduction="none")
-    return -nll, keep.nonzero()[:, 0]
+    return -F.cross_entropy(logits.float(), targets, reduction="none")
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence sum of target-token log-probs and the number of target tokens.
 
     logits: (B, T, V) at every position, or (N, V) at learned_positions(labels) only (the fast path:
     no logits, log-softmax or gradient for positions nothing learns); labels: (B, T).
-    Returns (logps (B,), n_tokens (B,)), fp32 and int64.
+    sequence_ids: (B, T), the sequence each position belongs to (0..S-1; a packed row holds several,
+    see batching.collate_packed); None: row b is sequence b.
+    Returns (logps (S,), n_tokens (S,)), fp32 and int64.
     The one log-prob primitive: SFT loss and evaluation, and DPO, all use it.
     """
+    keep = learned_positions(labels)
     if logits.dim() == 2:
-        logps, rows = learned_token_logps(logits, labels)
-        totals = torch.zeros(labels.size(0), dtype=logps.dtype, device=logps.device).index_add(0, rows, logps)
-        return totals, learned_positions(labels).sum(-1)
-    logps, mask = token_logps(logits, labels)
-    return logps.sum(-1), mask.sum(-1)
+        logps = learned_token_logps(logits, labels)  # (N,)
+    else:
+        logps = token_logps(logits, labels)[0][keep[:, :-1]]  # (N,)
+    if sequence_ids is None:
+        sequence_ids = torch.arange(labels.size(0), device=labels.device)[:, None].expand_as(labels)
+    owners = sequence_ids[keep]  # (N,): a learned position predicts the next token of its own sequence
+    count = int(sequence_ids.max()) + 1
+    totals = torch.zeros(count, dtype=logps.dtype, device=logps.device).index_add(0, owners, logps)
+    return totals, torch.bincount(owners, minlength=count)
 
 
 def sft_loss(logits: torch.Tensor, labels: torch.Tensor, step_target_tokens: int) -> torch.Tensor:

@@ -57,6 +57,7 @@ class DataOptions:
     max_length: int = 512
     skip_bad_rows: bool = False
     group_by_length: bool = False
+    packing: bool = True
 
     def problems(self) -> list[str]:
         out = [] if self.data else [f"{flag('data')} is required"]

@@ -20,18 +20,28 @@ import numpy as np
 import torch
 
 from dialogtrain.batching import (
+    Collate,
+    choose_collate,
     collate_sft,
     eval_micro_batches_of_rank,
+    input_token_count,
     micro_batches_of_rank,
     step_batches,
     target_tokens,
 )
 from dialogtrain.checkpoints import Checkpoints, Progress, TrainingError  # noqa: F401 (TrainingError: re-exported)
 from dialogtrain.distributed import World, distributed_world
-from dialogtrain.engine import boundary_step, build_engine, current_lr, learned_logits, read_ds_config
+from dialogtrain.engine import (
+    batch_sequence_logps,
+    boundary_step,
+    build_engine,
+    current_lr,
+    learned_logits,
+    read_ds_config,
+)
 from dialogtrain.errors import UserError, exit_on_user_error
 from dialogtrain.export import export_hf_checkpoint, gather_state_dict
-from dialogtrain.losses import sequence_logps, sft_loss
+from dialogtrain.losses import sft_loss
 from dialogtrain.metrics import mfu, open_metrics, peak_flops, train_flops_per_token
 from dialogtrain.model import load_model, load_tokenizer
 from dialogtrain.options import RunOptions
@@ -70,7 +80,7 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 
 
 def train_step(engine, examples: list[dict], lengths: list[int], step: list[int], options: RunOptions,
-               world: World, pad_id: int) -> dict[str, float]:
+               world: World, collate: Collate) -> dict[str, float]:
     """One optimizer step over the global batch `step` (example indices, identical on every rank)."""
     step_targets = sum(target_tokens(examples[i]) for i in step)  # N_step: all ranks, all micro-batches
     # engine.backward divides by grad-accum and data parallelism averages over ranks: undo both once,
@@ -79,7 +89,7 @@ def train_step(engine, examples: list[dict], lengths: list[int], step: list[int]
     micro_batches = micro_batches_of_rank(step, lengths, world.rank, world.size, options.optim.micro_batch)
     loss, input_tokens, grad_norm = 0.0, 0, math.nan
     for k, indices in enumerate(micro_batches):
-        batch = to_device(collate_sft([examples[i] for i in indices], pad_id), world.device)
+        batch = to_device(collate([examples[i] for i in indices]), world.device)
         logits = learned_logits(engine, batch)  # (N, V) at the learned positions only
         micro_loss = sft_loss(logits, batch["labels"], step_targets)  # this micro-batch's share, scalar
         engine.backward(micro_loss * backward_scale)
@@ -88,20 +98,20 @@ def train_step(engine, examples: list[dict], lengths: list[int], step: list[int]
         else:
             engine.step()
         loss += micro_loss.item()
-        input_tokens += int(batch["attention_mask"].sum())
+        input_tokens += input_token_count(batch)
     loss, input_tokens = world.sum(loss, input_tokens)
     return {"loss": loss, "grad_norm": grad_norm, "input_tokens": input_tokens, "target_tokens": step_targets}
 
 
 @torch.no_grad()
-def evaluate(engine, examples: list[dict], options: RunOptions, world: World, pad_id: int) -> dict[str, float]:
+def evaluate(engine, examples: list[dict], options: RunOptions, world: World, collate: Collate) -> dict[str, float]:
     """Mean assistant-token loss and perplexity over the whole eval set, all ranks together."""
     engine.eval()
     nll, tokens = 0.0, 0
     for indices in eval_micro_batches_of_rank(len(examples), world.rank, world.size, options.optim.micro_batch):
         # A rank out of examples still runs a forward (ZeRO-3 gathers are collective) and counts nothing.
-        batch = to_device(collate_sft([examples[i] for i in indices or [0]], pad_id), world.device)
-        logps, n = sequence_logps(learned_logits(engine, batch), batch["labels"])
+        batch = to_device(collate([examples[i] for i in indices or [0]]), world.device)
+        logps, n = batch_sequence_logps(engine, batch)
         if indices:
             nll -= float(logps.sum())
             tokens += int(n.sum())
@@ -138,6 +148,7 @@ def train(run_json: Path, world: World):
     train_set, eval_set = setup_data(options, tokenizer, world)
     model, tokenizer = load_model(options.model.model, options.model.trust_remote_code, options.model.chat_template)
     checkpoints.check_space(model)
+    collate = choose_collate(collate_sft, options.data.packing, model, tokenizer.pad_token_id, world.print)
     lengths = [len(e["input_ids"]) for e in train_set]
     steps_per_epoch, total_steps = plan_steps(options, len(train_set))
     world.print(f"plan: {len(train_set)} examples, global batch {options.global_batch} = micro-batch "
@@ -149,7 +160,6 @@ def train(run_json: Path, world: World):
     progress = checkpoints.restore(engine)  # Progress() unless resuming
     engine.train()  # from_pretrained returns eval mode; training has dropout from its first step, resumed or not
     log = open_metrics(run_dir, world.is_main, total_steps, progress.step)
-    pad_id = tokenizer.pad_token_id
 
     step, epoch, position, record = progress.step, progress.epoch, progress.position, {}
     while step < total_steps:
@@ -161,7 +171,7 @@ def train(run_json: Path, world: World):
                 break
             lr = current_lr(engine)
             started = time.perf_counter()
-            stats = train_step(engine, train_set, lengths, batch_indices, options, world, pad_id)
+            stats = train_step(engine, train_set, lengths, batch_indices, options, world, collate)
             seconds = time.perf_counter() - started
             step, position = step + 1, position + 1
             skipped = checkpoints.check_loss(engine, stats["loss"], step)  # NaN/inf: TrainingError
@@ -171,7 +181,7 @@ def train(run_json: Path, world: World):
                       "input_tokens": stats["input_tokens"], "target_tokens": stats["target_tokens"], **skipped}
             if eval_set and (step == total_steps or (options.schedule.eval_every
                                                         and step % options.schedule.eval_every == 0)):
-                record.update(evaluate(engine, eval_set, options, world, pad_id))
+                record.update(evaluate(engine, eval_set, options, world, collate))
             if step % options.schedule.log_every == 0 or "eval_loss" in record or step == total_steps:
                 log.log(record)
             log.progress(1, loss=stats["loss"], lr=lr, tok_s=tokens_per_s, mfu=record["mfu"])

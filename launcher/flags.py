@@ -30,6 +30,9 @@ HELP = {
     "skip_bad_rows": "drop invalid rows (and count them) instead of stopping",
     "group_by_length": "put examples of similar length in the same step: ~1.5x the tokens/s (little padding "
                        "computed), but each step sees less varied examples, which can cost learning per step",
+    "packing": "run each micro-batch as one row of its examples back to back, each attending only to "
+               "itself, so no padding is computed (same losses and gradients as padded rows); "
+               "--no-packing pads instead  [default: on]",
     "lr": "peak learning rate (AdamW)",
     "weight_decay": "AdamW weight decay",
     "warmup_steps": "optimizer steps of linear warm-up before the linear decay to 0",
