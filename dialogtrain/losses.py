@@ -70,9 +70,10 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, sequence_ids: tor
     else:
         logps = token_logps(logits, labels)[0][keep[:, :-1]]  # (N,)
     if sequence_ids is None:
-        sequence_ids = torch.arange(labels.size(0), device=labels.device)[:, None].expand_as(labels)
+        sequence_ids, count = torch.arange(labels.size(0), device=labels.device)[:, None].expand_as(labels), labels.size(0)
+    else:
+        count = int(sequence_ids.max()) + 1
     owners = sequence_ids[keep]  # (N,): a learned position predicts the next token of its own sequence
-    count = int(sequence_ids.max()) + 1
     totals = torch.zeros(count, dtype=logps.dtype, device=logps.device).index_add(0, owners, logps)
     return totals, torch.bincount(owners, minlength=count)
 

@@ -56,4 +56,3 @@ def load_model(model: str, trust_remote_code: bool = False, chat_template: str |
 
 def first_line(err: BaseException) -> str:
     return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-

@@ -87,6 +87,7 @@ def test_the_checkpoint_folder_is_complete_self_describing_and_safe_to_load(sft_
                                              "eval_data": data_fingerprint(flags["eval_data"])}
     assert progress["options"]["lr"] == 5e-3 and progress["options"]["global_batch"] == 2
     assert "micro_batch" not in progress["options"] and "output" not in progress["options"]
+    assert "packing" not in progress["options"]  # a layout: resuming packed or padded trains the same
     assert progress["options"]["trust_remote_code"] is False  # model code runs only when asked
     with safe_open(str(folder / "rng-rank00000.safetensors"), framework="pt") as rng:
         assert set(rng.keys()) >= {"python", "numpy", "torch"}
