@@ -41,11 +41,15 @@ def plot_results(result: dict, path: Path) -> Path:
     ax.set_title(f"MFU (peak {head['peak_flops'] / 1e9:.0f} GFLOP/s {head['precision']}; red: 30% target)")
 
     ax = axes[1][0]
-    for offset, key, label in ((-0.2, "model_state_bytes", "model states"), (0.2, "peak_bytes", "peak RSS")):
-        mib = [r["memory_zero0"][key] / 2**20, r["memory_zero3"][key] / 2**20]
-        bars = ax.bar([offset, 1 + offset], mib, width=0.4, label=label,
-                      color="tab:green" if key == "model_state_bytes" else "tab:gray")
-        ax.plot([offset - 0.2, 1 + offset + 0.2], [0.6 * mib[0]] * 2, color="tab:red", linestyle="--")
+    panels = ((-0.27, "", "model_state_bytes", "model states", "tab:green"),
+              (0.0, "", "peak_bytes", "peak RSS", "tab:gray"),
+              (0.27, "_lean", "peak_bytes", "peak RSS, memory settings", "tab:olive"))
+    for offset, runs, key, label, color in panels:
+        if f"memory_zero0{runs}" not in r:
+            continue
+        mib = [r[f"memory_zero0{runs}"][key] / 2**20, r[f"memory_zero3{runs}"][key] / 2**20]
+        bars = ax.bar([offset, 1 + offset], mib, width=0.27, label=label, color=color)
+        ax.plot([offset - 0.13, 1 + offset + 0.13], [0.6 * mib[0]] * 2, color="tab:red", linestyle="--")
         for bar in bars:
             ax.annotate(f"{bar.get_height():.0f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom")

@@ -22,7 +22,8 @@ What is measured, and how:
   global batch and so the same micro-batches, of the real SFT worker (bench.memory_worker around it):
   model states = live CPU tensor bytes at the optimizer update (weights, gradients, optimizer states;
   activations freed) minus those before the model; peak = peak RSS of training minus RSS right
-  before the model is built (activations and allocator slack included).
+  before the model is built (activations and allocator slack included). Twice: with the defaults,
+  and with the memory settings LEAN_FLAGS / LEAN_ENV (activations recomputed, no heap retention).
 - Start-up: wall time of `dialogtrain --help` and of an `sft --dry-run`, medians of 5.
 - Learning: held-out assistant-token loss after SFT (same rule and encoding on both sides) and
   held-out reward accuracy after DPO (live-reference runs), after the same steps.
@@ -234,9 +235,16 @@ def trl_config(model: str, plan: Plan, precision: str, **fields) -> dict:
 # memory and start-up
 
 
+# The memory settings of the "lean" memory runs: activations recomputed, and big blocks straight from and
+# back to the kernel instead of kept in glibc's heaps (a run pays for both in time).
+LEAN_FLAGS = {"gradient_checkpointing": True}
+LEAN_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
+
+
 def memory_run(model: str, data: dict, plan: Plan, precision: str, out: Path, zero: int, nproc: int,
-               grad_accum: int = 1) -> dict:
-    """Memory per rank (the largest rank) of the real SFT worker at `zero` on `nproc` processes.
+               grad_accum: int = 1, lean: bool = False) -> dict:
+    """Memory per rank (the largest rank) of the real SFT worker at `zero` on `nproc` processes; `lean`:
+    with LEAN_FLAGS and LEAN_ENV.
 
     model_state_bytes: live tensor bytes at the optimizer updates (model states live, activations freed;
     bench.memory_worker) minus those before the model; peak_bytes: peak RSS of training (the export after
@@ -246,13 +254,14 @@ def memory_run(model: str, data: dict, plan: Plan, precision: str, out: Path, ze
     from launcher.ds_config import build_ds_config, load_template
     from launcher.run_dir import write_run_dir
 
-    run_dir = out / f"memory-zero{zero}-x{nproc}"
+    name = f"memory-zero{zero}-x{nproc}{'-lean' if lean else ''}"
+    run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)
     options = RunOptions.from_flat("sft", {
         "model": model, "data": data["sft_train"], "output": str(run_dir), "gpus": "cpu", "nproc": nproc,
         "zero": zero, "precision": precision, "micro_batch": plan.micro_batch, "grad_accum": grad_accum,
-        "max_steps": plan.memory_steps, "max_length": plan.max_length, "lr": plan.sft_lr, "seed": plan.seed},
-        world_size=nproc)
+        "max_steps": plan.memory_steps, "max_length": plan.max_length, "lr": plan.sft_lr, "seed": plan.seed,
+        **(LEAN_FLAGS if lean else {})}, world_size=nproc)
     write_run_dir(run_dir, options, build_ds_config(options, load_template(options)), "# bench.memory_worker\n")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -261,8 +270,9 @@ def memory_run(model: str, data: dict, plan: Plan, precision: str, out: Path, ze
             "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "bench.memory_worker",
             str(run_dir / "run.json")]
     # what the launcher sets for CPU runs: no GPU, DeepSpeed's CPU accelerator, the cores split
-    env = quiet_env(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(max(1, cores() // nproc)))
-    run_checked(argv, out / "logs" / f"memory-zero{zero}-x{nproc}.log", env=env)
+    env = quiet_env(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(max(1, cores() // nproc)),
+                    **(LEAN_ENV if lean else {}))
+    run_checked(argv, out / "logs" / f"{name}.log", env=env)
     ranks = [json.loads((run_dir / f"memory-rank{r}.json").read_text()) for r in range(nproc)]
     return {"model_state_bytes": max(r["tensor_bytes_at_update"] - r["tensor_bytes_before_model"] for r in ranks),
             "peak_bytes": max(r["peak_rss_training"] - r["rss_before_model"] for r in ranks),
@@ -329,6 +339,8 @@ def build_rows(r: dict, plan: Plan) -> list[dict]:
     zero0, zero3 = r["memory_zero0"], r["memory_zero3"]
     memory_ratio = zero3["model_state_bytes"] / zero0["model_state_bytes"]
     peak_ratio = zero3["peak_bytes"] / zero0["peak_bytes"]
+    lean0, lean3 = r["memory_zero0_lean"], r["memory_zero3_lean"]
+    lean_ratio = lean3["peak_bytes"] / lean0["peak_bytes"]
     loss_ours, loss_trl = r["ours_sft"]["eval_loss"], r["trl_sft"]["eval_loss"]
     acc_ours, acc_trl = r["ours_dpo"]["eval_reward_accuracy"], r["trl_dpo"]["eval_reward_accuracy"]
     one_pair = 1 / plan.dpo_held_out
@@ -347,6 +359,10 @@ def build_rows(r: dict, plan: Plan) -> list[dict]:
         row("peak memory per rank (peak RSS, activations included): ZeRO-0 x1 -> ZeRO-3 x2",
             f"{zero0['peak_bytes'] / 2**20:.0f} MiB -> {zero3['peak_bytes'] / 2**20:.0f} MiB", "",
             f"{peak_ratio:.2f}x", "<= 0.6x", peak_ratio <= 0.6),
+        row("peak memory per rank, memory settings (`--gradient-checkpointing`, "
+            f"`MALLOC_MMAP_THRESHOLD_={LEAN_ENV['MALLOC_MMAP_THRESHOLD_']}`): ZeRO-0 x1 -> ZeRO-3 x2",
+            f"{lean0['peak_bytes'] / 2**20:.0f} MiB -> {lean3['peak_bytes'] / 2**20:.0f} MiB", "",
+            f"{lean_ratio:.2f}x", "<= 0.6x", lean_ratio <= 0.6),
         row("`dialogtrain --help` wall time", f"{r['startup']['help_s']:.2f} s", "", "", "< 0.5 s",
             r["startup"]["help_s"] < 0.5),
         row("`dialogtrain sft --dry-run` wall time", f"{r['startup']['dry_run_s']:.2f} s", "", "", "", None),
@@ -423,11 +439,12 @@ def run(plan: Plan, model: str, out: Path, asked_precision: str, quick: bool, de
         r[f"trl_{name}"] = trl("trl_dpo", trl_config(
             model, plan, precision, train=data["trl_dpo_train"], eval=data["trl_dpo_eval"], steps=plan.dpo_steps,
             lr=plan.dpo_lr, beta=plan.beta, precompute=precompute), out, f"trl-{name.replace('_', '-')}")
-    progress("memory: ZeRO-0 on 1 process, ZeRO-3 on 2")
+    progress("memory: ZeRO-0 on 1 process, ZeRO-3 on 2; defaults, then the memory settings")
     # the same global batch on both sides: the one ZeRO-0 process runs, one after the other, exactly the
     # micro-batches the two ZeRO-3 ranks run side by side (same shapes, so the same activations)
-    r["memory_zero0"] = memory_run(model, data, plan, precision, out, zero=0, nproc=1, grad_accum=2)
-    r["memory_zero3"] = memory_run(model, data, plan, precision, out, zero=3, nproc=2)
+    for runs, lean in (("", False), ("_lean", True)):
+        r[f"memory_zero0{runs}"] = memory_run(model, data, plan, precision, out, zero=0, nproc=1, grad_accum=2, lean=lean)
+        r[f"memory_zero3{runs}"] = memory_run(model, data, plan, precision, out, zero=3, nproc=2, lean=lean)
     progress("chat (bench/chat.py)")
     r["chat"] = chat_rows(quick, out) if default_workload else None  # it measures SmolLM2 only
     peak = peaks[precision]

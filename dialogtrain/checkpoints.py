@@ -63,9 +63,10 @@ RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"
 
 # Options that may differ between a checkpoint and the run resuming from it: where and how the run is
 # launched (the whole launch section, the number of processes), how the global batch is split into
-# micro-batches and accumulation (the global batch itself must stay) and laid out in tensors (packed or
-# padded), and what is logged, evaluated and kept.
-FREE_ON_RESUME = {"micro_batch", "grad_accum", "packing", "log_every", "eval_every", "save_every", "keep_last"}
+# micro-batches and accumulation (the global batch itself must stay), laid out in tensors (packed or
+# padded) and whether activations are recomputed, and what is logged, evaluated and kept.
+FREE_ON_RESUME = {"micro_batch", "grad_accum", "packing", "gradient_checkpointing", "log_every", "eval_every",
+                  "save_every", "keep_last"}
 # ds_to_universal needs this in the model states; Megatron-style models add their own patterns.
 UNIVERSAL_INFO = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
 

@@ -56,7 +56,7 @@ from dialogtrain.errors import UserError, exit_on_user_error
 from dialogtrain.export import export_hf_checkpoint, gather_state_dict
 from dialogtrain.losses import DPO_LOSSES, chosen_nll
 from dialogtrain.metrics import mfu, open_metrics, peak_flops, train_flops_per_token
-from dialogtrain.model import load_model, load_tokenizer, resolve_model_path
+from dialogtrain.model import load_model, load_tokenizer, recompute_activations, resolve_model_path
 from dialogtrain.options import RunOptions
 
 REFERENCE_CACHE = "ref_logps.pt"
@@ -369,6 +369,8 @@ def train(run_json: Path, world: World):
     checkpoints.check_space(model)
     disable_dropout(model)
     collate = choose_collate(collate_preferences, options.data.packing, model, tokenizer.pad_token_id, world.print)
+    if options.optim.gradient_checkpointing:
+        recompute_activations(model)  # the reference (a copy, or its own model) only runs without gradients
     lengths = [max(len(e["chosen_ids"]), len(e["rejected_ids"])) for e in train_set]
     steps_per_epoch, total_steps = plan_steps(options, len(train_set))
     world.print(f"plan: {len(train_set)} pairs, global batch {options.global_batch} pairs = micro-batch "

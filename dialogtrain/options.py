@@ -77,6 +77,7 @@ class OptimOptions:
     precision: str = "fp32"
     zero: int = 0
     offload: str = "none"
+    gradient_checkpointing: bool = False
 
     def problems(self) -> list[str]:
         out = []

@@ -43,7 +43,7 @@ from dialogtrain.errors import UserError, exit_on_user_error
 from dialogtrain.export import export_hf_checkpoint, gather_state_dict
 from dialogtrain.losses import sft_loss
 from dialogtrain.metrics import mfu, open_metrics, peak_flops, train_flops_per_token
-from dialogtrain.model import load_model, load_tokenizer
+from dialogtrain.model import load_model, load_tokenizer, recompute_activations
 from dialogtrain.options import RunOptions
 
 
@@ -149,6 +149,8 @@ def train(run_json: Path, world: World):
     model, tokenizer = load_model(options.model.model, options.model.trust_remote_code, options.model.chat_template)
     checkpoints.check_space(model)
     collate = choose_collate(collate_sft, options.data.packing, model, tokenizer.pad_token_id, world.print)
+    if options.optim.gradient_checkpointing:
+        recompute_activations(model)
     lengths = [len(e["input_ids"]) for e in train_set]
     steps_per_epoch, total_steps = plan_steps(options, len(train_set))
     world.print(f"plan: {len(train_set)} examples, global batch {options.global_batch} = micro-batch "

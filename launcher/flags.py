@@ -42,6 +42,8 @@ HELP = {
     "precision": "fp32, bf16 (CPU or GPU) or fp16 (GPU only, dynamic loss scaling)",
     "zero": "ZeRO stage: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, 3 also weights",
     "offload": "move optimizer state (ZeRO 1-3) and weights (ZeRO-3) to CPU RAM",
+    "gradient_checkpointing": "recompute each layer's activations in the backward pass instead of keeping "
+                              "them: activation memory of about one layer, about a third more compute",
     "epochs": "passes over the training data (--max-steps wins when given)",
     "max_steps": "stop after this many optimizer steps",
     "seed": "seed for shuffling and initialisation",

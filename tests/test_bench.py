@@ -14,7 +14,8 @@ from bench.timing import throughput
 from tests.conftest import REPO
 
 ROWS = ["SFT tokens/s", "SFT MFU", "DPO pairs/s, TRL default reference", "DPO pairs/s, precomputed reference",
-        "model-state memory per rank", "peak memory per rank", "`dialogtrain --help`", "`dialogtrain sft --dry-run`",
+        "model-state memory per rank", "peak memory per rank (", "peak memory per rank, memory settings",
+        "`dialogtrain --help`", "`dialogtrain sft --dry-run`",
         "held-out assistant-token loss", "held-out reward accuracy"]
 
 
@@ -72,6 +73,7 @@ def test_quick_bench_on_a_tiny_model_produces_every_row(llama_dir, tmp_path):
                    r["trl_dpo"]["pairs_per_s"], r["trl_dpo_pre"]["precompute_s"], r["ours_dpo_pre"]["precompute_s"],
                    r["mfu_ours"], r["memory_zero0"]["model_state_bytes"], r["memory_zero3"]["model_state_bytes"],
                    r["memory_zero0"]["peak_bytes"], r["memory_zero3"]["peak_bytes"],
+                   r["memory_zero0_lean"]["peak_bytes"], r["memory_zero3_lean"]["peak_bytes"],
                    r["ours_sft"]["eval_loss"], r["trl_sft"]["eval_loss"]):
         assert math.isfinite(figure) and figure > 0
     png = (tmp_path / "results.png").read_bytes()

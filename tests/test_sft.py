@@ -140,3 +140,41 @@ def test_group_by_length_chooses_between_grouped_and_plain_shuffled_batches(llam
                                  max_steps=1, precision="fp32", gpus="cpu", seed=3, group_by_length=group)
         train_in_process(run_json)
     assert seen == [(True, False), (False, True)]  # grouped batches differ from the plain shuffle here
+
+
+def test_gradient_checkpointing_trains_the_same_weights_keeping_fewer_activations(llama_dir, tmp_path):
+    """--gradient-checkpointing: the same weights after 3 steps (fp32, to float rounding), and the forward
+    keeps a fraction of the activation bytes for the backward pass."""
+    data = write_messages_jsonl(tmp_path / "chats.jsonl")
+    weights, engines = {}, {}
+    for recompute in (False, True):
+        run_dir = tmp_path / f"recompute-{recompute}"
+        run_json = write_run_dir(run_dir, model=str(llama_dir), data=str(data), micro_batch=4, lr=1e-4, max_steps=3,
+                                 precision="fp32", gpus="cpu", seed=3, gradient_checkpointing=recompute)
+        engines[recompute] = train_in_process(run_json)
+        weights[recompute] = final_weights(run_dir)
+    for name, tensor in weights[False].items():
+        assert (weights[True][name] - tensor).abs().max().item() < 1e-5, name
+
+    def saved_bytes(model) -> int:
+        kept = []
+
+        def pack(tensor):
+            kept.append(tensor.untyped_storage().nbytes())
+            return tensor
+
+        model.train()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(input_ids=torch.arange(1, 41)[None]).logits.sum()
+        return sum(kept)
+
+    assert engines[True].module.is_gradient_checkpointing and not engines[False].module.is_gradient_checkpointing
+    assert saved_bytes(engines[True].module) < 0.5 * saved_bytes(engines[False].module)
+
+
+def test_gradient_checkpointing_is_refused_for_a_model_without_it():
+    from dialogtrain.errors import UserError
+    from dialogtrain.model import recompute_activations
+
+    with pytest.raises(UserError, match="--gradient-checkpointing: Linear does not support gradient checkpointing"):
+        recompute_activations(torch.nn.Linear(2, 2))
