@@ -3,11 +3,11 @@
     torchrun ... -m dialogtrain.dpo RUN/run.json
 
 setup (options, data, reference, engine) -> train_step per optimizer step -> evaluate -> save_final.
-A micro-batch of B pairs is one batch of 2B rows, chosen first, scored by one policy forward: the
-per-sequence sums of completion log-probs (sequence_logps, fp32) and the reference's give the loss
-picked once by --loss. The loss of a step is the mean over the pairs of the whole step (all
-micro-batches, all ranks), so the update does not depend on how the step is split into processes,
-micro-batches and accumulation.
+A micro-batch of B pairs is one batch of 2B sequences, chosen first (one packed row, or 2B padded
+rows with --no-packing), scored by one policy forward: the per-sequence sums of completion
+log-probs (sequence_logps, fp32) and the reference's give the loss picked once by --loss. The loss
+of a step is the mean over the pairs of the whole step (all micro-batches, all ranks), so the update
+does not depend on how the step is split into processes, micro-batches and accumulation.
 
 The reference is a frozen copy of the starting policy (or --ref-model) under its own DeepSpeed
 engine, or, with --precompute-ref, a table of its log-probs computed once before training, cached
