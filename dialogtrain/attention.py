@@ -11,6 +11,8 @@ position ids). Whatever the path, `packs_sequences` checks the result before a r
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 PER_EXAMPLE = "dialogtrain_per_example_sdpa"
@@ -20,8 +22,8 @@ def per_example_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers' sdpa attention, run once per example of a packed row.
 
     query (1, H, T, D), key and value (1, H_kv, T, D) of one packed row without a KV cache, and the
-    `position_ids` (1, T) transformers passes down: an example starts wherever the positions do not
-    continue by one. Anything else (padded rows, generation with a cache) is plain sdpa with its mask.
+    `position_ids` (1, T) transformers passes down (example_starts splits the row). Anything else
+    (padded rows, generation with a cache) is plain sdpa with its mask.
     Returns (output (1, T, H, D), None), as sdpa_attention_forward does.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -30,10 +32,26 @@ def per_example_attention(module, query, key, value, attention_mask, **kwargs):
     if positions is None or query.size(0) != 1 or positions.shape != (1, query.size(2)) \
             or key.size(2) != query.size(2):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-    starts = [0, *((positions[0, 1:] != positions[0, :-1] + 1).nonzero()[:, 0] + 1).tolist(), query.size(2)]
+    starts = example_starts(positions)
     outputs = [sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, **kwargs)[0]
                for a, b in zip(starts[:-1], starts[1:], strict=True)]
     return torch.cat(outputs, dim=1), None
+
+
+_last_row: tuple = (lambda: None, [])  # (weak reference to the last packed row's position ids, its starts)
+
+
+def example_starts(positions: torch.Tensor) -> list[int]:
+    """[0, start of each further example, T] of a packed row's position ids (1, T): an example starts
+    wherever the positions do not continue by one. Every layer gets the same position-ids tensor, so
+    it is read once per forward (one host sync on a GPU), not once per layer."""
+    global _last_row
+    seen, starts = _last_row
+    if seen() is positions:
+        return starts
+    starts = [0, *((positions[0, 1:] != positions[0, :-1] + 1).nonzero()[:, 0] + 1).tolist(), positions.size(1)]
+    _last_row = (weakref.ref(positions), starts)
+    return starts
 
 
 def attend_per_example(model) -> bool:

@@ -108,6 +108,17 @@ def test_packed_rows_give_the_padded_log_probs_and_gradients(model_fixture, requ
             assert (grads_packed[name] - grad).abs().max().item() <= 1e-4 * max(1.0, grad.abs().max().item()), name
 
 
+def test_example_starts_are_read_once_per_position_ids_tensor(monkeypatch):
+    from dialogtrain.attention import example_starts
+
+    positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
+    assert example_starts(positions) == [0, 3, 5, 6]
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("read the same positions again"))
+    assert example_starts(positions) == [0, 3, 5, 6]  # the next layer: same tensor, no second read
+    monkeypatch.undo()
+    assert example_starts(torch.tensor([[0, 1, 2, 3, 0, 1]])) == [0, 4, 6]  # another row is read
+
+
 def test_per_example_attention_is_not_saved_with_the_model(llama_dir, tmp_path):
     from dialogtrain.attention import attend_per_example
     from dialogtrain.model import load_model
