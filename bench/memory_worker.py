@@ -46,28 +46,29 @@ def live_tensor_bytes() -> int:
 
 def main() -> None:
     import dialogtrain.sft as sft
-    from dialogtrain.distributed import distributed_world
+    import dialogtrain.train.loop as loop
+    from dialogtrain.train.distributed import distributed_world
 
     run_json = Path(sys.argv[1])
     notes = {"tensor_bytes_at_update": 0}
-    load_model, boundary_step, save_final = sft.load_model, sft.boundary_step, sft.save_final
+    load_model, optimizer_step, save_final = loop.load_model, sft.optimizer_step, loop.save_final
 
     def load_model_noting_memory(*args, **kwargs):
         notes["rss_before_model"] = rss_bytes()
         notes["tensor_bytes_before_model"] = live_tensor_bytes()
         return load_model(*args, **kwargs)
 
-    def boundary_step_noting_model_states(engine):
+    def optimizer_step_noting_model_states(engine):
         gc.collect()
         notes["tensor_bytes_at_update"] = max(notes["tensor_bytes_at_update"], live_tensor_bytes())
-        return boundary_step(engine)
+        return optimizer_step(engine)
 
     def save_final_noting_peak(*args, **kwargs):
         notes["peak_rss_training"] = peak_rss_bytes()
         return save_final(*args, **kwargs)
 
-    sft.load_model, sft.boundary_step, sft.save_final = load_model_noting_memory, boundary_step_noting_model_states, \
-        save_final_noting_peak
+    loop.load_model, sft.optimizer_step, loop.save_final = load_model_noting_memory, \
+        optimizer_step_noting_model_states, save_final_noting_peak
     with distributed_world() as world:
         sft.train(run_json, world)
     rank = int(os.environ.get("RANK", 0))

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import resource
 import statistics
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bench.plan import Plan
 
 
 def throughput(seconds: list[float], units: list[float], warmup: int) -> dict:
@@ -60,3 +64,11 @@ def trainer_step_timer():
             return [b - a for a, b in zip([0.0] + self.num_tokens[:-1], self.num_tokens, strict=True)]
 
     return StepTimer()
+
+
+def charged_pairs_per_s(result: dict, plan: Plan) -> float:
+    """Pairs/s with the precomputation charged per pair it covers (see the module doc)."""
+    timed_pairs = result["timed_steps"] * plan.micro_batch
+    timed_s = timed_pairs / result["pairs_per_s"]
+    per_pair = result["precompute_s"] / result["precomputed_pairs"] if result["precomputed_pairs"] else 0.0
+    return timed_pairs / (timed_s + per_pair * timed_pairs)

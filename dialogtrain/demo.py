@@ -76,8 +76,8 @@ DEFAULT_STEPS = {"bf16": (120, 8), "fp32": (24, 4)}
 
 
 def run_demo(out: Path, max_steps: int | None, held_out: int) -> None:
-    from dialogtrain.data import load_conversations
-    from dialogtrain.gguf_import import resolve_model, smollm2_gguf_path
+    from dialogtrain.data.load import load_conversations
+    from dialogtrain.export.gguf import resolve_model, smollm2_gguf_path
     from dialogtrain.hardware import fastest_cpu_precision
 
     started = time.perf_counter()

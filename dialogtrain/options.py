@@ -7,18 +7,31 @@ with `_`), validates them all at once and writes them; every worker reads them b
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import importlib.util
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from dialogtrain.data.templates import CHAT_TEMPLATE_NAMES
 from dialogtrain.errors import UserError
-from dialogtrain.formatting import CHAT_TEMPLATE_NAMES
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 OFFLOADS = ("none", "optimizer", "optimizer+param")
-DPO_LOSSES = ("sigmoid", "ipo", "hinge")
+
+
+@functools.cache
+def preference_loss_names() -> tuple[str, ...]:
+    """The keys of train.losses.PREFERENCE_LOSSES, the one list of --loss names, read from that module's
+    source: the launcher validates options without importing torch, which the losses need."""
+    spec = importlib.util.find_spec("dialogtrain.train.losses")
+    for node in ast.parse(Path(spec.origin).read_text()).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["PREFERENCE_LOSSES"]:
+            return tuple(key.value for key in node.value.keys)
+    raise AssertionError("dialogtrain/train/losses.py: no PREFERENCE_LOSSES = {...} literal")
 
 
 class OptionsError(UserError):
@@ -34,12 +47,20 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def option(default: Any, help: str, metavar: str | None = None) -> Any:
+    """A field of the run options with its command-line help (and metavar) beside it; launcher.flags
+    turns each field into `--field-name`."""
+    return field(default=default, metadata={"help": help, "metavar": metavar})
+
+
 @dataclass(frozen=True)
 class ModelOptions:
-    model: str = ""
-    ref_model: str | None = None
-    trust_remote_code: bool = False
-    chat_template: str | None = None  # a name of CHAT_TEMPLATE_NAMES or a Jinja file; None: the model's
+    model: str = option("", "Hugging Face model id, local folder or .gguf file to fine-tune (required)", "MODEL")
+    trust_remote_code: bool = option(False, "run Python code shipped with the model")
+    chat_template: str | None = option(
+        None, "chat format: model (its own template; none: DialoGPT style), dialogpt (each turn + EOS), "
+        "user-assistant ('user: ...' / 'assistant: ...' lines) or a Jinja template file; the exported "
+        "tokenizer keeps it", "NAME|FILE")
 
     def problems(self) -> list[str]:
         out = [] if self.model else [f"{flag('model')} is required"]
@@ -52,12 +73,17 @@ class ModelOptions:
 
 @dataclass(frozen=True)
 class DataOptions:
-    data: str = ""
-    eval_data: str | None = None
-    max_length: int = 512
-    skip_bad_rows: bool = False
-    group_by_length: bool = False
-    packing: bool = True
+    data: str = option("", "training data: a file, a folder of files, or a hub id name[:config][@split] "
+                       "(required)", "DATA")
+    eval_data: str | None = option(None, "evaluation data, in the same forms as --data", "DATA")
+    max_length: int = option(512, "tokens per example; longer conversations lose their oldest turns")
+    skip_bad_rows: bool = option(False, "drop invalid rows (and count them) instead of stopping")
+    group_by_length: bool = option(False, "put examples of similar length in the same step: ~1.5x the tokens/s "
+                                   "(little padding computed), but each step sees less varied examples, which "
+                                   "can cost learning per step")
+    packing: bool = option(True, "run each micro-batch as one row of its examples back to back, each attending "
+                           "only to itself, so no padding is computed (same losses and gradients as padded rows); "
+                           "--no-packing pads instead  [default: on]")
 
     def problems(self) -> list[str]:
         out = [] if self.data else [f"{flag('data')} is required"]
@@ -68,16 +94,21 @@ class DataOptions:
 
 @dataclass(frozen=True)
 class OptimOptions:
-    lr: float = 5e-5
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    grad_clip: float = 1.0
-    micro_batch: int = 4
-    grad_accum: int = 1
-    precision: str = "fp32"
-    zero: int = 0
-    offload: str = "none"
-    gradient_checkpointing: bool = False
+    lr: float = option(5e-5, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_steps: int = option(0, "optimizer steps of linear warm-up before the linear decay to 0")
+    grad_clip: float = option(1.0, "clip the gradient norm to this; 0 disables clipping")
+    micro_batch: int = option(4, "sequences per process per forward pass")
+    grad_accum: int = option(1, "micro-batches accumulated into one optimizer step")
+    precision: str = option("fp32", "fp32, bf16 (CPU or GPU) or fp16 (GPU only, dynamic loss scaling)",
+                            "|".join(PRECISIONS))
+    zero: int = option(0, "ZeRO stage: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, "
+                       "3 also weights", "0|1|2|3")
+    offload: str = option("none", "move optimizer state (ZeRO 1-3) and weights (ZeRO-3) to CPU RAM",
+                          "|".join(OFFLOADS))
+    gradient_checkpointing: bool = option(False, "recompute each layer's activations in the backward pass "
+                                          "instead of keeping them: activation memory of about one layer, "
+                                          "about a third more compute")
 
     def problems(self) -> list[str]:
         out = []
@@ -108,13 +139,13 @@ class OptimOptions:
 
 @dataclass(frozen=True)
 class ScheduleOptions:
-    epochs: int = 1
-    max_steps: int | None = None
-    seed: int = 42
-    log_every: int = 1
-    eval_every: int = 0  # 0: evaluate at the end only
-    save_every: int = 0  # 0: no intermediate checkpoints
-    keep_last: int = 0  # 0: keep every checkpoint
+    epochs: int = option(1, "passes over the training data (--max-steps wins when given)")
+    max_steps: int | None = option(None, "stop after this many optimizer steps")
+    seed: int = option(42, "seed for shuffling and initialisation")
+    log_every: int = option(1, "write metrics.jsonl every N optimizer steps")
+    eval_every: int = option(0, "evaluate every N optimizer steps (and at the end); 0: at the end only")
+    save_every: int = option(0, "checkpoint every N optimizer steps; 0: final model only")
+    keep_last: int = option(0, "keep only the K newest checkpoints; 0 keeps all")
 
     def problems(self) -> list[str]:
         out = []
@@ -132,18 +163,21 @@ class ScheduleOptions:
 
 @dataclass(frozen=True)
 class DPOOptions:
-    beta: float = 0.1
-    loss: str = "sigmoid"
-    label_smoothing: float = 0.0
-    rpo_alpha: float = 0.0
-    precompute_ref: bool = False
+    ref_model: str | None = option(None, "frozen reference model  [default: a copy of --model]", "MODEL")
+    beta: float = option(0.1, "DPO beta: how strongly the policy is held near the reference")
+    loss: str = option("sigmoid", "preference loss (train/losses.py: PREFERENCE_LOSSES)",
+                       "|".join(preference_loss_names()))
+    label_smoothing: float = option(0.0, "conservative DPO: assumed probability that a preference is flipped")
+    rpo_alpha: float = option(0.0, "weight of the chosen responses' NLL added to the DPO loss (RPO); 0 disables")
+    precompute_ref: bool = option(False, "compute reference log-probs once before training instead of keeping "
+                                  "the reference model")
 
     def problems(self) -> list[str]:
         out = []
         if not self.beta > 0:
             out.append(f"{flag('beta')} must be > 0, got {self.beta}")
-        if self.loss not in DPO_LOSSES:
-            out.append(f"{flag('loss')} must be one of {'|'.join(DPO_LOSSES)}, got {self.loss!r}")
+        if self.loss not in preference_loss_names():
+            out.append(f"{flag('loss')} must be one of {'|'.join(preference_loss_names())}, got {self.loss!r}")
         if not 0 <= self.label_smoothing < 0.5:
             out.append(f"{flag('label_smoothing')} must be in [0, 0.5), got {self.label_smoothing}")
         elif self.label_smoothing and self.loss != "sigmoid":
@@ -156,18 +190,27 @@ class DPOOptions:
 
 @dataclass(frozen=True)
 class LaunchOptions:
-    output: str = ""
-    gpus: str = "all"  # "0,1,3" | "all" | "cpu"
-    nproc: int = 1  # processes when gpus == "cpu"
-    ds_config: str | None = None
-    max_restarts: int = 0  # torchrun restarts every worker up to this many times after a failure
+    output: str = option("", "run folder: run.json, ds_config.json, command.sh, metrics.jsonl, checkpoints/, "
+                         "final/ (required)", "RUN")
+    gpus: str = option("all", "GPU ids (0,1,3), all, or cpu", "IDS|all|cpu")
+    nproc: int = option(1, "number of processes with --gpus cpu")
+    ds_config: str | None = option(None, "start from your own DeepSpeed config JSON (the flags still set the keys "
+                                   "they own)", "FILE")
+    max_restarts: int = option(0, "after a worker fails, torchrun restarts all workers up to N times; they "
+                               "resume from the last checkpoint")
     # Several nodes. run.json holds what is the same on every node, so each node writes it identically;
     # --node-rank (different on each node) and --master-port are flags of the launch only.
-    nnodes: int = 1  # machines, each running the same `dialogtrain` command (torchrun static rendezvous)
-    master_addr: str | None = None  # address of node 0, which every node can reach
-    hostfile: str | None = None  # `host slots=K` lines: start every host through the deepspeed launcher
-    resume: str | None = None  # "auto" (the latest checkpoint of --output, if any) or a checkpoint folder
-    resume_force: bool = False  # resume although the data or options differ from the checkpoint's
+    nnodes: int = option(1, "machines in the run: start the same command on each, with its own --node-rank "
+                         "(torchrun static rendezvous)")
+    master_addr: str | None = option(None, "address of node 0 that every node reaches (needed with --nnodes "
+                                     "above 1)  [default: 127.0.0.1 on one node; with --hostfile, the first "
+                                     "host's `hostname -I`]", "ADDR")
+    hostfile: str | None = option(None, "start on the hosts of FILE (`host slots=K` lines) through the deepspeed "
+                                  "launcher (pdsh over ssh) instead of torchrun", "FILE")
+    resume: str | None = option(None, "continue from a checkpoint: auto (the latest in --output; alone, --resume "
+                                "means auto) or a checkpoint folder; data and options must match it",
+                                "[auto|PATH]")
+    resume_force: bool = option(False, "resume although the data or options differ from the checkpoint's")
 
     def problems(self) -> list[str]:
         out = [] if self.output else [f"{flag('output')} is required"]

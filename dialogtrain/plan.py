@@ -63,7 +63,8 @@ def count_parameters(model: str, trust_remote_code: bool = False) -> ParameterCo
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from dialogtrain.model import first_line, resolve_model_path
+    from dialogtrain.errors import first_line
+    from dialogtrain.train.model import resolve_model_path
 
     try:
         config = AutoConfig.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)

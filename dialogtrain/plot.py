@@ -26,7 +26,7 @@ STYLES = ["-", "--", ":"]
 
 def read_runs(runs: list[str | Path]) -> dict[str, list[dict]]:
     """{label: records} of each run folder (or metrics.jsonl file); a missing or empty one is a UserError."""
-    from dialogtrain.metrics import read_metrics
+    from dialogtrain.train.metrics import read_metrics
 
     out = {}
     for run in runs:

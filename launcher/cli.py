@@ -81,11 +81,11 @@ class ResolvedRun:
 
 def resolve_run(ctx: click.Context, command: str, config_path: str | None,
                 extra_checks: Callable[[dict[str, Any]], list[str]] = lambda values: [],
-                defaults: dict[str, Any] | None = None) -> ResolvedRun:
+                defaults: dict[str, Any] | None = None, dry_run: bool = False) -> ResolvedRun:
     """Merge `defaults` < `--config FILE` < the command line, validate it all, build the DeepSpeed config.
 
     `extra_checks(values)` adds problems of its own (the run folder). Raises OptionsError listing
-    every problem found, each naming its flag.
+    every problem found, each naming its flag. `dry_run`: GPU ids that cannot be checked here are shown.
     """
     known_flags = [opt for param in ctx.command.params for opt in param.opts + param.secondary_opts]
     problems = unknown_argument_problems(ctx.args, command, known_flags)
@@ -93,7 +93,7 @@ def resolve_run(ctx: click.Context, command: str, config_path: str | None,
     cli_values, cli_problems = given_values(ctx, command_fields(command))
     values = {**(defaults or {}), **file_values, **cli_values}
     problems += file_problems + cli_problems
-    devices, device_problems = devices_for(values)
+    devices, device_problems = devices_for(values, dry_run)
     nnodes = values.get("nnodes", LaunchOptions.nnodes)
     world_size = devices.world_size(nnodes if isinstance(nnodes, int) and nnodes >= 1 else 1) if devices else 1
     try:
@@ -114,7 +114,7 @@ def resolve_run(ctx: click.Context, command: str, config_path: str | None,
     return ResolvedRun(options, devices, ds_config, notes)
 
 
-def devices_for(values: dict[str, Any]) -> tuple[Devices | None, list[str]]:
+def devices_for(values: dict[str, Any], dry_run: bool = False) -> tuple[Devices | None, list[str]]:
     """Devices of this node, or of every host of --hostfile; (None, problems) when they cannot be had."""
     gpus, nproc = values.get("gpus", LaunchOptions.gpus), values.get("nproc", LaunchOptions.nproc)
     hostfile = values.get("hostfile")
@@ -125,7 +125,7 @@ def devices_for(values: dict[str, Any]) -> tuple[Devices | None, list[str]]:
         if isinstance(hostfile, str) and hostfile:
             hosts, problems = read_hostfile(hostfile)
             return (resolve_hosts(gpus, nproc, hosts), []) if hosts and not problems else (None, problems)
-        return resolve_devices(gpus, nproc), []
+        return resolve_devices(gpus, nproc, dry_run=dry_run), []
     except UserError as err:
         return None, [str(err)]
 
@@ -189,7 +189,7 @@ def training_command(command: str, summary: str) -> click.Command:
             nodes = node_rank_problems(node_rank, values.get("nnodes", LaunchOptions.nnodes), values.get("hostfile"))
             return ([problem] if problem else []) + nodes
 
-        run = resolve_run(ctx, command, config_path, extra_checks=run_folder_problems)
+        run = resolve_run(ctx, command, config_path, extra_checks=run_folder_problems, dry_run=dry_run)
         refused = resume_problems(run.options)  # before run.json is rewritten
         if refused:
             raise OptionsError(refused)
@@ -255,17 +255,24 @@ dpo = training_command("dpo", """Direct Preference Optimization on prompt/chosen
 """)
 
 
-@cli.command("config", context_settings=COLLECT_UNKNOWN)
-@run_options("sft")
-@click.option("--config", "config_path", metavar="FILE", help="YAML or JSON file of options; flags win")
-@click.pass_context
-def config_command(ctx: click.Context, config_path: str | None, **_flags: Any) -> None:
+def ds_config_command(ctx: click.Context, config_path: str | None, **_flags: Any) -> None:
     """Print the DeepSpeed config `dialogtrain sft` would use with these options (--model, --data and
     --output are not needed)."""
     run = resolve_run(ctx, "sft", config_path, defaults=CONFIG_PLACEHOLDERS)
     for note in run.notes:
         click.echo(f"note: {note}", err=True)
     click.echo(json.dumps(run.ds_config, indent=2))
+
+
+def ds_config_printer(name: str, hidden: bool) -> click.Command:
+    """`dialogtrain ds-config`, and `config`, its old name, kept as a hidden alias."""
+    command = click.option("--config", "config_path", metavar="FILE",
+                           help="YAML or JSON file of options; flags win")(click.pass_context(ds_config_command))
+    return cli.command(name, context_settings=COLLECT_UNKNOWN, hidden=hidden)(run_options("sft")(command))
+
+
+ds_config_printer("ds-config", hidden=False)
+ds_config_printer("config", hidden=True)
 
 
 @cli.command("plan")
@@ -349,7 +356,7 @@ def plot_command(runs: tuple[str, ...], output: str) -> None:
 @click.argument("out", metavar="OUT")
 def import_gguf_command(gguf_file: str, out: str) -> None:
     """Convert the GGUF model FILE into a Hugging Face folder OUT that sft, dpo and chat load."""
-    from dialogtrain.gguf_import import import_gguf
+    from dialogtrain.export.gguf import import_gguf
 
     folder = import_gguf(gguf_file, out)
     click.echo(f"imported {gguf_file} into {folder}")
@@ -364,7 +371,7 @@ def import_gguf_command(gguf_file: str, out: str) -> None:
 def export_command(checkpoint: str, output: str, trust_remote_code: bool) -> None:
     """Turn a saved checkpoint (RUN/checkpoints/TAG, any ZeRO stage; a run folder means its latest) into a
     Hugging Face folder, offline: what RUN/final would hold had training ended there."""
-    from dialogtrain.checkpoints import export_checkpoint
+    from dialogtrain.export.checkpoint import export_checkpoint
 
     folder = export_checkpoint(checkpoint, output, trust_remote_code)
     click.echo(f"exported {checkpoint} to {folder}")

@@ -83,14 +83,16 @@ def parse_gpu_ids(gpus: str) -> list[int]:
     return ids
 
 
-def resolve_devices(gpus: str, nproc: int = 1, available: list[str] | None = None) -> Devices:
+def resolve_devices(gpus: str, nproc: int = 1, available: list[str] | None = None,
+                    dry_run: bool = False) -> Devices:
     """Decide devices and process count from `--gpus` and `--nproc`.
 
     `available` is what `visible_gpus()` returns (looked up when None). Rules:
     - `cpu`: `nproc` CPU processes.
     - `all`: one process per GPU; with no GPU, `nproc` CPU processes and a notice.
     - ids: one process per id; every id must exist. A single id on a machine without any GPU
-      falls back to one CPU process with a notice; several ids there are an error.
+      falls back to one CPU process with a notice; several ids there are an error, except for a
+      `dry_run` (a login node preparing a launch): then the GPU command is shown, with a notice.
     `--nproc` above 1 only makes sense on the CPU; with GPUs it must equal the number of ids.
     Raises UserError naming the flag.
     """
@@ -108,6 +110,10 @@ def resolve_devices(gpus: str, nproc: int = 1, available: list[str] | None = Non
         if len(ids) == 1:
             return Devices("cpu", [], nproc,
                            notice=f"--gpus {gpus}: no GPU found (nvidia-smi lists none): running on the CPU")
+        if dry_run:
+            return Devices("cuda", ids, len(ids), cuda_visible_devices=",".join(map(str, ids)),
+                           notice=f"--gpus {gpus}: no GPU here to check these ids against (nvidia-smi lists none); "
+                                  f"the command is shown as it runs on a machine that has them")
         raise UserError(f"--gpus {gpus}: no GPU found (nvidia-smi lists none); "
                         f"use --gpus cpu --nproc {len(ids)} to run {len(ids)} processes on the CPU")
     missing = [i for i in ids if i >= len(available)]

@@ -83,6 +83,6 @@ def resume_problems(options: RunOptions) -> list[str]:
     before run.json is rewritten; [] without --resume, or with --resume-force for changes."""
     if options.launch.resume is None:
         return []
-    from dialogtrain.checkpoints import launch_resume_problems  # torch-free
+    from dialogtrain.train.resume import launch_resume_problems  # torch-free
 
     return launch_resume_problems(options)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from dialogtrain.metrics import read_metrics
+from dialogtrain.train.metrics import read_metrics
 
 
 def deterministic(record: dict) -> dict:
@@ -53,6 +53,20 @@ def rewind(run_dir: Path, copy: Path, step: int) -> Path:
             shutil.rmtree(folder)
     (copy / "checkpoints" / "latest").write_text(f"step-{step:06d}")
     return copy
+
+
+def rerecord(folder: Path, name: str) -> None:
+    """Record the file `name` of a checkpoint folder as it is now in its progress.json (size, sha256), or
+    drop its record when the file is gone: a checkpoint written that way, so that the manifest check
+    passes and what the test changed is what the resume meets."""
+    from dialogtrain.train.resume import PROGRESS, file_record
+
+    progress = json.loads((folder / PROGRESS).read_text())
+    if (folder / name).exists():
+        progress["files"][name] = file_record(folder / name)
+    else:
+        del progress["files"][name]
+    (folder / PROGRESS).write_text(json.dumps(progress))
 
 
 def with_options(run_dir: Path, **changes) -> Path:

@@ -78,7 +78,7 @@ def train_in_process(run_json: Path, module: str = "sft"):
     """The worker's `train` on rank 0 of a world of one; returns the engine."""
     import importlib
 
-    from dialogtrain.distributed import distributed_world
+    from dialogtrain.train.distributed import distributed_world
 
     worker = importlib.import_module(f"dialogtrain.{module}")
     with single_process_env(), distributed_world() as world:

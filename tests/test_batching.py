@@ -2,13 +2,8 @@
 
 import pytest
 
-from dialogtrain.batching import (
-    collate_sft,
-    eval_micro_batches_of_rank,
-    micro_batches_of_rank,
-    step_batches,
-    target_tokens,
-)
+from dialogtrain.data.collate import collate_sft, target_tokens
+from dialogtrain.data.sampling import eval_micro_batches_of_rank, micro_batches_of_rank, step_batches
 
 
 def test_step_batches_are_a_seeded_permutation_without_the_tail():

@@ -9,8 +9,9 @@ import sys
 
 import pytest
 
-from bench.run import QUICK, Plan, charged_pairs_per_s, choose_precision
-from bench.timing import throughput
+from bench.plan import QUICK, Plan
+from bench.run import choose_precision
+from bench.timing import charged_pairs_per_s, throughput
 from tests.conftest import REPO
 
 ROWS = ["SFT tokens/s", "SFT MFU", "DPO pairs/s, TRL default reference", "DPO pairs/s, precomputed reference",

@@ -8,6 +8,7 @@ test_resume.py; the export of a checkpoint in test_export_cmd.py.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -15,12 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from dialogtrain.checkpoints import Checkpoints, TrainingError, safe_torch_load
-from dialogtrain.data import data_fingerprint
-from dialogtrain.distributed import World
-from dialogtrain.errors import UserError
+from dialogtrain.data.sources import data_fingerprint
+from dialogtrain.errors import TrainingError, UserError
 from dialogtrain.options import RunOptions
-from tests.checkpoint_helpers import final_weights, logged_steps, metrics_after, rewind
+from dialogtrain.train.checkpoints import Checkpoints, safe_torch_load
+from dialogtrain.train.distributed import World
+from dialogtrain.train.loop import check_loss, report_skipped_steps
+from tests.checkpoint_helpers import final_weights, logged_steps, metrics_after, rerecord, rewind
 from tests.sft_harness import train_in_process, write_pairs_csv, write_run_dir
 
 # 8 pairs, global batch 2: 4 steps per epoch, so step 6 is 2 steps into epoch 1 (mid-epoch), and the
@@ -66,6 +68,7 @@ def test_without_the_saved_position_or_rng_the_continuation_differs(sft_run, tmp
 
     seeded_rng = rewind(run_dir, tmp_path / "seeded-rng", step=6)
     (seeded_rng / "checkpoints" / "step-000006" / "rng-rank00000.safetensors").unlink()
+    rerecord(seeded_rng / "checkpoints" / "step-000006", "rng-rank00000.safetensors")
     train_in_process(write_run_dir(seeded_rng, resume="auto", **flags))
     got = metrics_after(seeded_rng, 6)
     assert [r["target_tokens"] for r in got] == [r["target_tokens"] for r in expected]
@@ -87,6 +90,11 @@ def test_the_checkpoint_folder_is_complete_self_describing_and_safe_to_load(sft_
                                              "eval_data": data_fingerprint(flags["eval_data"])}
     assert progress["options"]["lr"] == 5e-3 and progress["options"]["global_batch"] == 2
     assert "micro_batch" not in progress["options"] and "output" not in progress["options"]
+    on_disk = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert sorted(progress["files"]) == [name for name in on_disk if name != "progress.json"]
+    for name, record in progress["files"].items():
+        assert record == {"size": (folder / name).stat().st_size,
+                          "sha256": hashlib.sha256((folder / name).read_bytes()).hexdigest()}, name
     assert "packing" not in progress["options"]  # a layout: resuming packed or padded trains the same
     assert progress["options"]["trust_remote_code"] is False  # model code runs only when asked
     with safe_open(str(folder / "rng-rank00000.safetensors"), framework="pt") as rng:
@@ -166,6 +174,7 @@ def test_a_checkpoint_holding_pickled_code_is_refused_unrun(sft_run, tmp_path):
     resumed = rewind(run_dir, tmp_path / "resumed", step=6)
     marker = tmp_path / "code-ran"
     torch.save({"module": Payload(marker)}, resumed / "checkpoints" / "step-000006" / "mp_rank_00_model_states.pt")
+    rerecord(resumed / "checkpoints" / "step-000006", "mp_rank_00_model_states.pt")  # progress.json tampered too
     with pytest.raises(UserError, match="refusing to load it: a file holds Python objects"):
         train_in_process(write_run_dir(resumed, resume="auto", **flags))
     assert not marker.exists()
@@ -215,16 +224,16 @@ def test_fp16_overflows_are_counted_and_reported_not_fatal(tmp_path, capfd):
     reported at the end. A non-finite loss DeepSpeed applied, or any in fp32/bf16, stops the run."""
     options = RunOptions.from_flat("sft", {"model": "m", "data": "d", "output": str(tmp_path)})
     checkpoints = Checkpoints(tmp_path, options, World(0, 0, 1, torch.device("cpu")), {}, None)
-    assert checkpoints.check_loss(StubEngine(True, False, 3), float("inf"), 7) == {"skipped_steps": 3}
-    assert checkpoints.check_loss(StubEngine(True, False, 4), float("nan"), 8) == {"skipped_steps": 4}
-    assert checkpoints.check_loss(StubEngine(True, True, 4), 2.5, 9) == {"skipped_steps": 4}
-    assert checkpoints.check_loss(StubEngine(False, True, 0), 2.5, 9) == {}
+    assert check_loss(StubEngine(True, False, 3), float("inf"), 7, checkpoints) == {"skipped_steps": 3}
+    assert check_loss(StubEngine(True, False, 4), float("nan"), 8, checkpoints) == {"skipped_steps": 4}
+    assert check_loss(StubEngine(True, True, 4), 2.5, 9, checkpoints) == {"skipped_steps": 4}
+    assert check_loss(StubEngine(False, True, 0), 2.5, 9, checkpoints) == {}
     with pytest.raises(TrainingError, match="loss is nan at step 10; .*No checkpoint was written yet"):
-        checkpoints.check_loss(StubEngine(True, True, 4), float("nan"), 10)
+        check_loss(StubEngine(True, True, 4), float("nan"), 10, checkpoints)
     with pytest.raises(TrainingError, match="loss is inf at step 3"):
-        checkpoints.check_loss(StubEngine(False, True, 0), float("inf"), 3)
-    checkpoints.report_skipped_steps(StubEngine(True, True, 4), 100)
-    checkpoints.report_skipped_steps(StubEngine(False, True, 0), 100)
+        check_loss(StubEngine(False, True, 0), float("inf"), 3, checkpoints)
+    report_skipped_steps(StubEngine(True, True, 4), 100, checkpoints.world)
+    report_skipped_steps(StubEngine(False, True, 0), 100, checkpoints.world)
     assert capfd.readouterr().err == ("fp16: DeepSpeed skipped 4 of 100 optimizer steps (gradient overflow; "
                                       "it lowered the loss scale each time)\n")
 
@@ -263,7 +272,7 @@ def test_an_unwritable_run_folder_is_reported_before_training(gpt2_dir, tmp_path
 def test_a_run_folder_without_room_for_a_checkpoint_is_refused(gpt2_dir, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
 
-    import dialogtrain.checkpoints as checkpoints
+    import dialogtrain.train.checkpoints as checkpoints
 
     monkeypatch.setattr(checkpoints, "free_bytes", lambda path: 10_000)
     run_json = write_run_dir(tmp_path / "run", model=str(gpt2_dir), data=str(write_pairs_csv(tmp_path / "p.csv")),
@@ -292,7 +301,7 @@ def test_the_launcher_reports_an_output_it_cannot_create():
 def test_dpo_resume_reuses_the_precomputed_reference(llama_dir, tmp_path, monkeypatch):
     """DPO with --precompute-ref resumed mid-run: RUN/ref_logps.pt is reused (no reference model is
     loaded) and the run ends exactly as the uninterrupted one."""
-    import dialogtrain.dpo as dpo
+    import dialogtrain.train.reference as reference
     from tests.test_dpo import QUESTIONS, write_preferences_jsonl
 
     flags = dict(command="dpo", model=str(llama_dir), data=str(write_preferences_jsonl(tmp_path / "p.jsonl",
@@ -306,7 +315,7 @@ def test_dpo_resume_reuses_the_precomputed_reference(llama_dir, tmp_path, monkey
     def no_reference(*args, **kwargs):
         raise AssertionError("the reference model was loaded although the cache matches")
 
-    monkeypatch.setattr(dpo, "load_reference_model", no_reference)
+    monkeypatch.setattr(reference, "load_reference_model", no_reference)
     train_in_process(write_run_dir(resumed, resume="auto", **flags), "dpo")
     assert (resumed / "ref_logps.pt").stat().st_mtime_ns == cache_mtime
     assert metrics_after(resumed, 2) == metrics_after(run_dir, 2)
@@ -322,3 +331,75 @@ def test_a_restarted_worker_resumes_from_latest_by_itself(sft_run, tmp_path, mon
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
     train_in_process(restarted / "run.json")
     assert metrics_after(restarted, 6) == metrics_after(run_dir, 6)
+
+
+# --- damaged checkpoints: every file's size and sha256 is recorded and checked ---------------------
+
+def damage_file(folder: Path, how: str) -> str:
+    """Damage the model states file of a checkpoint folder the way `how` says; returns its name."""
+    name = "mp_rank_00_model_states.pt"
+    path = folder / name
+    data = path.read_bytes()
+    if how == "truncated":
+        path.write_bytes(data[:len(data) // 2])
+    elif how == "flipped":
+        middle = len(data) // 2  # inside a tensor's bytes, so the file still unpickles
+        path.write_bytes(data[:middle] + bytes([data[middle] ^ 0x01]) + data[middle + 1:])
+    else:
+        path.unlink()
+    return name
+
+
+@pytest.mark.parametrize("how, why", [("truncated", "has {size} bytes, {written} were written"),
+                                      ("flipped", "is damaged (its sha256 differs from the one recorded"),
+                                      ("missing", "is missing")])
+def test_resume_auto_falls_back_to_the_newest_checkpoint_that_verifies(sft_run, tmp_path, capfd, how, why):
+    """The newest checkpoint damaged (cut in half, one bit flipped inside a tensor, or a file gone):
+    --resume auto says which and why, continues from the one before, and ends as the uninterrupted run."""
+    run_dir, flags = sft_run
+    resumed = rewind(run_dir, tmp_path / "resumed", step=6)
+    newest = resumed / "checkpoints" / "step-000006"
+    written = newest.joinpath("mp_rank_00_model_states.pt").stat().st_size
+    name = damage_file(newest, how)
+    size = (newest / name).stat().st_size if (newest / name).exists() else 0
+    capfd.readouterr()
+    train_in_process(write_run_dir(resumed, resume="auto", **flags))
+    err = capfd.readouterr().err
+    reason = why.format(size=size, written=written)
+    assert f"resume: passing over step-000006: {newest / name} {reason}" in err
+    assert f"resume: {resumed / 'checkpoints' / 'step-000003'} (step 3, epoch 0, 3 steps into it)" in err
+    assert metrics_after(resumed, 3) == metrics_after(run_dir, 3)
+    want, got = final_weights(run_dir / "final"), final_weights(resumed / "final")
+    assert all(torch.equal(want[name], got[name]) for name in want)
+
+
+def test_a_damaged_checkpoint_named_by_path_is_refused_naming_the_file_and_the_newest_good_one(sft_run, tmp_path):
+    from click.testing import CliRunner
+
+    from launcher.cli import cli
+
+    run_dir, flags = sft_run
+    resumed = rewind(run_dir, tmp_path / "resumed", step=6)
+    damaged = resumed / "checkpoints" / "step-000006"
+    name = damage_file(damaged, "flipped")
+    good = resumed / "checkpoints" / "step-000003"
+    expected = (f"checkpoint {damaged}: {damaged / name} is damaged (its sha256 differs from the one recorded when "
+                f"it was written); the newest good checkpoint is {good}")
+    with pytest.raises(UserError) as refused:  # the workers compare sha256
+        train_in_process(write_run_dir(resumed, resume=str(damaged), **flags))
+    assert str(refused.value) == expected
+    assert not (resumed / "final").exists()
+
+    (damaged / name).write_bytes((damaged / name).read_bytes()[:100])  # the launcher compares sizes first
+    args = ["sft", "--model", flags["model"], "--data", flags["data"], "--eval-data", flags["eval_data"],
+            "--output", str(resumed), "--gpus", "cpu", "--micro-batch", "2", "--max-steps", "9", "--save-every",
+            "3", "--eval-every", "4", "--lr", "5e-3", "--zero", str(flags["zero"]), "--resume", str(damaged)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert f"{damaged / name} has 100 bytes" in result.output and f"the newest good checkpoint is {good}" in result.output
+
+    from dialogtrain.export.checkpoint import export_checkpoint
+
+    with pytest.raises(UserError, match=f"{damaged / name} has 100 bytes.*the newest good checkpoint is {good}"):
+        export_checkpoint(damaged, tmp_path / "exported")
+    assert not (tmp_path / "exported").exists()

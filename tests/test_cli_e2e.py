@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dialogtrain.metrics import read_metrics
+from dialogtrain.train.metrics import read_metrics
 from tests.sft_harness import PAIRS, write_messages_jsonl, write_pairs_csv
 
 FEW_PAIRS = PAIRS[:4]  # one global batch: every step sees every pair, so the model overfits them fast
@@ -163,7 +163,7 @@ def test_seed_dpo_workflow_user_assistant_prompts_on_orca_pairs(gpt2_dir, tmp_pa
     micro-batch 2 for 3 epochs (fp32: fp16 needs a GPU); the DPO export keeps the format for chat."""
     from transformers import AutoTokenizer
 
-    from dialogtrain.formatting import USER_ASSISTANT_CHAT_TEMPLATE
+    from dialogtrain.data.templates import USER_ASSISTANT_CHAT_TEMPLATE
     from tests.test_dpo import QUESTIONS, write_orca_jsonl
 
     sft_run, dpo_run = tmp_path / "chat-gpt2", tmp_path / "chat-gpt2-dpo"

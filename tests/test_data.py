@@ -13,16 +13,9 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 
-from dialogtrain.data import (
-    DataError,
-    DataReport,
-    Preference,
-    data_fingerprint,
-    load_conversations,
-    load_preferences,
-    parse_hub_id,
-    read_rows,
-)
+from dialogtrain.data.load import DataReport, load_conversations, load_preferences
+from dialogtrain.data.rows import Preference
+from dialogtrain.data.sources import DataError, data_fingerprint, parse_hub_id, read_rows
 from dialogtrain.errors import UserError
 
 DATA = Path(__file__).resolve().parent / "fixtures" / "data"

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dialogtrain.batching import collate_preferences
-from dialogtrain.formatting import IGNORE_INDEX
-from dialogtrain.losses import dpo_sigmoid_loss, sequence_logps
-from dialogtrain.metrics import read_metrics
+from dialogtrain.data.collate import collate_preferences
+from dialogtrain.data.encode import IGNORE_INDEX
+from dialogtrain.train.losses import dpo_sigmoid_loss, sequence_logps
+from dialogtrain.train.metrics import read_metrics
 from tests.sft_harness import train_in_process, write_pairs_csv, write_run_dir
 
 QUESTIONS = ["hello there", "what is your name", "tell me a joke please", "what is the weather like",
@@ -53,8 +53,8 @@ def step_records(run_dir: Path) -> list[dict]:
 
 
 def encode_eval_set(tokenizer, data: Path, max_length: int) -> list[dict]:
-    from dialogtrain.data import load_preferences
-    from dialogtrain.formatting import encode_preferences
+    from dialogtrain.data.encode import encode_preferences
+    from dialogtrain.data.load import load_preferences
 
     preferences, _ = load_preferences(str(data))
     return encode_preferences(tokenizer, preferences, max_length)[0]
@@ -141,13 +141,13 @@ def test_ref_model_is_loaded_and_must_share_the_tokenizer(llama_dir, gpt2_dir, t
 
 def test_a_nan_loss_stops_the_run_with_a_training_error(llama_dir, tmp_path, monkeypatch):
     import dialogtrain.dpo as dpo
-    from dialogtrain.sft import TrainingError
+    from dialogtrain.errors import TrainingError
 
     def nan_loss(*args, **kwargs):
         losses, chosen, rejected = dpo_sigmoid_loss(*args, **kwargs)
         return losses * float("nan"), chosen, rejected
 
-    monkeypatch.setitem(dpo.DPO_LOSSES, "sigmoid", nan_loss)
+    monkeypatch.setitem(dpo.PREFERENCE_LOSSES, "sigmoid", nan_loss)
     data = write_preferences_jsonl(tmp_path / "prefs.jsonl", QUESTIONS[:4])
     run_json = write_run_dir(tmp_path / "run", command="dpo", model=str(llama_dir), data=str(data), micro_batch=4,
                              max_steps=2, precision="fp32", gpus="cpu")
@@ -190,7 +190,7 @@ def test_learns_a_synthetic_preference_task_and_evaluates_the_whole_eval_set(lla
     train_in_process(run_json, "dpo")
     records = read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in records if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [4, 8, 8]
+    assert [r["step"] for r in evals] == [4, 8]  # every --eval-every steps and at the end, once
     final = evals[-1]
     assert final["eval_rewards/accuracies"] > 0.9
     assert final["eval_rewards/margins"] > 0 and final["eval_loss"] < math.log(2)
@@ -205,6 +205,7 @@ def test_learns_a_synthetic_preference_task_and_evaluates_the_whole_eval_set(lla
 
 def test_precomputed_reference_gives_the_live_losses_and_holds_no_second_model(llama_dir, tmp_path, monkeypatch):
     import dialogtrain.dpo as dpo
+    import dialogtrain.train.reference as reference
 
     models_during_training = []
     real_train_step = dpo.train_step
@@ -243,7 +244,7 @@ def test_precomputed_reference_gives_the_live_losses_and_holds_no_second_model(l
     def no_reference(*args, **kwargs):
         raise AssertionError("the reference model was loaded although the cache matches")
 
-    monkeypatch.setattr(dpo, "load_reference_model", no_reference)
+    monkeypatch.setattr(reference, "load_reference_model", no_reference)
     again = tmp_path / "again"
     run_json = write_run_dir(again, command="dpo", model=str(llama_dir), data=str(data), eval_data=str(held_out),
                              micro_batch=2, grad_accum=2, lr=1e-2, max_steps=4, eval_every=2,
@@ -327,7 +328,7 @@ def test_per_pair_logps_and_sigmoid_loss_equal_trl(llama_tokenizer, llama_dir, t
     from trl import DPOConfig, DPOTrainer
     from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-    from dialogtrain.formatting import render_preference
+    from dialogtrain.data.encode import render_preference
 
     tokenizer = llama_tokenizer
     policy = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
@@ -386,8 +387,8 @@ def test_per_pair_logps_and_sigmoid_loss_equal_trl(llama_tokenizer, llama_dir, t
 def test_reference_config_is_the_policys_without_training_parts(zero, offload, precision):
     """ZeRO-3 (with parameter offload) when the policy is at ZeRO-3, stage 0 otherwise; same precision
     and batch sizes; no optimizer, scheduler, clipping or optimizer offload."""
-    from dialogtrain.dpo import reference_ds_config
     from dialogtrain.options import RunOptions
+    from dialogtrain.train.reference import reference_ds_config
     from launcher.ds_config import build_ds_config, load_template
 
     options = RunOptions.from_flat("dpo", {"model": "m", "data": "d", "output": "o", "zero": zero, "offload": offload,

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from dialogtrain.losses import (
-    DPO_LOSSES,
+from dialogtrain.train.losses import (
+    PREFERENCE_LOSSES,
     chosen_nll,
     dpo_hinge_loss,
     dpo_ipo_loss,
@@ -92,13 +92,13 @@ def test_label_smoothing_is_refused_outside_sigmoid():
 def test_losses_are_per_example_with_gradients_and_rewards_are_detached():
     policy_chosen = POLICY_CHOSEN.clone().requires_grad_()
     policy_rejected = POLICY_REJECTED.clone().requires_grad_()
-    for name, loss in DPO_LOSSES.items():
+    for name, loss in PREFERENCE_LOSSES.items():
         losses, chosen, rejected = loss(policy_chosen, policy_rejected, REF_CHOSEN, REF_REJECTED, BETA,
                                         chosen_tokens=torch.tensor([2, 1]), rejected_tokens=torch.tensor([4, 2]))
         assert losses.shape == (2,), name
         assert losses.requires_grad, name
         assert not chosen.requires_grad and not rejected.requires_grad, name
-    assert set(DPO_LOSSES) == {"sigmoid", "ipo", "hinge"}
+    assert set(PREFERENCE_LOSSES) == {"sigmoid", "ipo", "hinge"}
 
 
 def test_sigmoid_gradient_matches_the_closed_form():

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from dialogtrain.engine import resolve_auto_sizes
 from dialogtrain.errors import UserError
 from dialogtrain.options import PRECISIONS, OptionsError, RunOptions
+from dialogtrain.train.engine import resolve_auto_sizes
 from launcher.ds_config import (
     FP16_LOSS_SCALING,
     OWNED_KEYS,

@@ -25,7 +25,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dialogtrain.data import DataError, load_conversations, load_preferences
+from dialogtrain.data.load import load_conversations, load_preferences
+from dialogtrain.data.sources import DataError
 from dialogtrain.errors import UserError
 from tests.checkpoint_helpers import FIXED_PEAK
 

@@ -36,7 +36,7 @@ def test_measuring_the_matmul_peak_leaves_the_global_rng_alone():
     RNG would make dropout, and so an exact resume, depend on how busy the machine was."""
     import torch
 
-    from dialogtrain.metrics import matmul_peak_flops
+    from dialogtrain.train.mfu import matmul_peak_flops
 
     torch.manual_seed(1)
     expected = torch.rand(4)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dialogtrain.losses import sequence_logps, sft_loss, token_logps
+from dialogtrain.train.losses import sequence_logps, sft_loss, token_logps
 
 
 def log_softmax(row, index):
@@ -50,7 +50,7 @@ def test_shape_mismatch_is_refused():
 def test_logits_at_learned_positions_only_give_the_same_logps_and_gradients():
     """The fast path (logits computed only where a token is learned, as the loops ask the model for)
     equals the full one: values, counts and gradients."""
-    from dialogtrain.losses import learned_positions
+    from dialogtrain.train.losses import learned_positions
 
     torch.manual_seed(0)
     logits = torch.randn(3, 7, 11, requires_grad=True)

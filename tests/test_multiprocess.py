@@ -28,7 +28,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from dialogtrain.metrics import read_metrics
+from dialogtrain.train.metrics import read_metrics
 from launcher.devices import FAKE_GPUS_ENV
 from tests.sft_harness import free_port, write_pairs_csv
 

@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from dialogtrain.batching import collate_packed, collate_preferences, collate_sft, input_token_count
-from dialogtrain.losses import learned_positions, sequence_logps
+from dialogtrain.data.collate import collate_packed, collate_preferences, collate_sft, input_token_count
+from dialogtrain.train.losses import learned_positions, sequence_logps
 from tests.sft_harness import train_in_process, write_messages_jsonl, write_run_dir
 
 EXAMPLES = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8, 9], "labels": [8, 9]}]
@@ -71,11 +71,12 @@ class Bare:
 
 
 def encoded(model_dir, max_length=64):
-    from dialogtrain.data import load_conversations
-    from dialogtrain.formatting import encode_conversations
-    from dialogtrain.model import load_model
+    from dialogtrain.data.encode import encode_conversations
+    from dialogtrain.data.load import load_conversations
+    from dialogtrain.train.model import load_model, load_tokenizer
 
-    model, tokenizer = load_model(str(model_dir))
+    tokenizer = load_tokenizer(str(model_dir))
+    model = load_model(str(model_dir), tokenizer)
     conversations, _ = load_conversations(str(write_messages_jsonl(model_dir.parent / "packing.jsonl")))
     return model.eval(), tokenizer, encode_conversations(tokenizer, conversations, max_length)[0]
 
@@ -83,8 +84,8 @@ def encoded(model_dir, max_length=64):
 @pytest.mark.parametrize("model_fixture", ["gpt2_dir", "llama_dir"])
 def test_packed_rows_give_the_padded_log_probs_and_gradients(model_fixture, request):
     """Under transformers' sdpa (one masked attention over the row) and our per-example attention."""
-    from dialogtrain.attention import PER_EXAMPLE, attend_per_example, packs_sequences
-    from dialogtrain.engine import batch_sequence_logps
+    from dialogtrain.train.attention import PER_EXAMPLE, attend_per_example, packs_sequences
+    from dialogtrain.train.forward import batch_sequence_logps
 
     model, tokenizer, examples = encoded(request.getfixturevalue(model_fixture))
     assert len({len(e["input_ids"]) for e in examples}) > 2  # padded rows really are padded
@@ -109,7 +110,7 @@ def test_packed_rows_give_the_padded_log_probs_and_gradients(model_fixture, requ
 
 
 def test_example_starts_are_read_once_per_position_ids_tensor(monkeypatch):
-    from dialogtrain.attention import example_starts
+    from dialogtrain.train.attention import example_starts
 
     positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
     assert example_starts(positions) == [0, 3, 5, 6]
@@ -120,10 +121,10 @@ def test_example_starts_are_read_once_per_position_ids_tensor(monkeypatch):
 
 
 def test_per_example_attention_is_not_saved_with_the_model(llama_dir, tmp_path):
-    from dialogtrain.attention import attend_per_example
-    from dialogtrain.model import load_model
+    from dialogtrain.train.attention import attend_per_example
+    from dialogtrain.train.model import load_model, load_tokenizer
 
-    model, _ = load_model(str(llama_dir))
+    model = load_model(str(llama_dir), load_tokenizer(str(llama_dir)))
     assert attend_per_example(model)
     model.save_pretrained(tmp_path / "saved")
     assert "dialogtrain" not in (tmp_path / "saved" / "config.json").read_text()
@@ -146,11 +147,11 @@ class NoPositions(AttendsAcross):
 
 
 def test_a_model_that_mixes_packed_examples_is_padded_instead(llama_dir):
-    from dialogtrain.attention import packs_sequences
-    from dialogtrain.batching import choose_collate
-    from dialogtrain.model import load_model
+    from dialogtrain.data.collate import choose_collate
+    from dialogtrain.train.attention import packs_sequences
+    from dialogtrain.train.model import load_model, load_tokenizer
 
-    model, _ = load_model(str(llama_dir))
+    model = load_model(str(llama_dir), load_tokenizer(str(llama_dir)))
     model.train()
     assert packs_sequences(model) and model.training  # the check leaves the mode as it was
     said = []
@@ -172,7 +173,7 @@ def final_weights(run_dir):
 
 
 def step_records(run_dir):
-    from dialogtrain.metrics import read_metrics
+    from dialogtrain.train.metrics import read_metrics
 
     return [r for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
 
@@ -205,17 +206,18 @@ def test_packing_trains_the_weights_padding_trains(command, llama_dir, tmp_path)
 
 
 def test_a_ref_model_that_mixes_packed_examples_is_refused(llama_dir, monkeypatch):
-    import dialogtrain.dpo as dpo
+    import dialogtrain.train.reference as reference
     from dialogtrain.errors import UserError
-    from dialogtrain.model import load_model
     from dialogtrain.options import RunOptions
+    from dialogtrain.train.model import load_model, load_tokenizer
 
-    policy, tokenizer = load_model(str(llama_dir))
+    tokenizer = load_tokenizer(str(llama_dir))
+    policy = load_model(str(llama_dir), tokenizer)
     options = RunOptions.from_flat("dpo", {"model": str(llama_dir), "ref_model": str(llama_dir), "data": "d",
                                            "output": "o"})
-    monkeypatch.setattr(dpo, "prepare_for_packing", lambda model: False)
+    monkeypatch.setattr(reference, "prepare_for_packing", lambda model: False)
     packed = functools.partial(collate_preferences, pad_id=0, packed=True)
     with pytest.raises(UserError, match="--ref-model .*attend to each other, unlike --model; run with --no-packing"):
-        dpo.load_reference_model(options, policy, tokenizer, packed)
+        reference.load_reference_model(options, policy, tokenizer, packed)
     padded = functools.partial(collate_preferences, pad_id=0, packed=False)
-    assert not dpo.load_reference_model(options, policy, tokenizer, padded).training
+    assert not reference.load_reference_model(options, policy, tokenizer, padded).training

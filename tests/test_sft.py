@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from dialogtrain.metrics import read_metrics
+from dialogtrain.train.metrics import read_metrics
 from tests.sft_harness import train_in_process, write_messages_jsonl, write_pairs_csv, write_run_dir
 
 
@@ -104,7 +104,7 @@ def test_zero3_fp32_updates_the_weight_partition_in_place_and_matches_zero0(llam
 def test_sharing_the_master_weights_skips_what_it_cannot_share():
     from types import SimpleNamespace
 
-    from dialogtrain.engine import share_fp32_master_weights
+    from dialogtrain.train.engine import share_fp32_master_weights
 
     weight = torch.arange(6, dtype=torch.float32)
     clone = weight.clone().requires_grad_(True)
@@ -123,8 +123,8 @@ def test_sharing_the_master_weights_skips_what_it_cannot_share():
 
 
 def test_group_by_length_chooses_between_grouped_and_plain_shuffled_batches(llama_dir, tmp_path, monkeypatch):
-    import dialogtrain.sft as sft
-    from dialogtrain.batching import step_batches
+    import dialogtrain.train.loop as loop
+    from dialogtrain.data.sampling import step_batches
 
     seen = []
 
@@ -133,7 +133,7 @@ def test_group_by_length_chooses_between_grouped_and_plain_shuffled_batches(llam
         seen.append((lengths is not None, batches == step_batches(num_examples, global_batch, seed, epoch)))
         return batches
 
-    monkeypatch.setattr(sft, "step_batches", recording)
+    monkeypatch.setattr(loop, "step_batches", recording)
     data = write_messages_jsonl(tmp_path / "chats.jsonl")
     for group in (True, False):
         run_json = write_run_dir(tmp_path / f"group-{group}", model=str(llama_dir), data=str(data), micro_batch=2,
@@ -174,7 +174,7 @@ def test_gradient_checkpointing_trains_the_same_weights_keeping_fewer_activation
 
 def test_gradient_checkpointing_is_refused_for_a_model_without_it():
     from dialogtrain.errors import UserError
-    from dialogtrain.model import recompute_activations
+    from dialogtrain.train.model import recompute_activations
 
     with pytest.raises(UserError, match="--gradient-checkpointing: Linear does not support gradient checkpointing"):
         recompute_activations(torch.nn.Linear(2, 2))

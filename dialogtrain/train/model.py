@@ -5,13 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from dialogtrain.errors import UserError
+from dialogtrain.errors import UserError, first_line
 
 
 def resolve_model_path(model: str) -> str:
     """A .gguf file becomes its converted Hugging Face folder (cached); a missing local path is an error."""
     if model.endswith(".gguf"):
-        from dialogtrain.gguf_import import resolve_model
+        from dialogtrain.export.gguf import resolve_model
 
         return resolve_model(model)
     path = Path(model).expanduser()
@@ -26,10 +26,10 @@ def resolve_model_path(model: str) -> str:
 
 def load_tokenizer(model: str, trust_remote_code: bool = False, chat_template: str | None = None):
     """The tokenizer, with pad = EOS when it has none (padding is then known from the attention mask)
-    and the chat template `--chat-template` asks for (formatting.set_chat_template)."""
+    and the chat template `--chat-template` asks for (data.templates.set_chat_template)."""
     from transformers import AutoTokenizer
 
-    from dialogtrain.formatting import prepare_tokenizer, set_chat_template
+    from dialogtrain.data.templates import prepare_tokenizer, set_chat_template
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model), trust_remote_code=trust_remote_code)
@@ -38,24 +38,20 @@ def load_tokenizer(model: str, trust_remote_code: bool = False, chat_template: s
     return set_chat_template(prepare_tokenizer(tokenizer), chat_template)
 
 
-def load_model(model: str, trust_remote_code: bool = False, chat_template: str | None = None):
-    """(model, tokenizer), weights in fp32 (DeepSpeed casts for bf16/fp16), KV cache off for training."""
+def load_model(model: str, tokenizer, trust_remote_code: bool = False):
+    """The causal LM `model` names (load_tokenizer gave `tokenizer`), weights in fp32 (DeepSpeed casts for
+    bf16/fp16), KV cache off for training, pad token id set from the tokenizer when the config has none."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(model)
-    tokenizer = load_tokenizer(path, trust_remote_code, chat_template)
     try:
-        lm = AutoModelForCausalLM.from_pretrained(path, dtype="float32", trust_remote_code=trust_remote_code)
+        lm = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), dtype="float32",
+                                                  trust_remote_code=trust_remote_code)
     except OSError as err:
         raise UserError(f"could not load the model {model!r}: {first_line(err)}") from None
     lm.config.use_cache = False
     if lm.config.pad_token_id is None:
         lm.config.pad_token_id = tokenizer.pad_token_id
-    return lm, tokenizer
-
-
-def first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return lm
 
 
 def recompute_activations(model) -> None:

@@ -1,4 +1,4 @@
-"""The DeepSpeed engine both loops train on: initialisation, the learning-rate schedule, grad norm."""
+"""The DeepSpeed engine both loops train on: its config, initialisation, schedule and optimizer step."""
 
 from __future__ import annotations
 
@@ -121,7 +121,7 @@ def current_lr(engine) -> float:
     return float(engine.get_lr()[0])
 
 
-def boundary_step(engine) -> float:
+def optimizer_step(engine) -> float:
     """`engine.step()` for the last micro-batch of an optimizer step; returns the grad norm before clipping.
 
     DeepSpeed reports the norm for ZeRO and mixed precision. The plain fp32 ZeRO-0 path does not,
@@ -141,39 +141,3 @@ def gradient_norm(model: torch.nn.Module) -> float:
     if not grads:
         return math.nan
     return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
-
-
-def is_finite(value: float) -> bool:
-    return math.isfinite(value)
-
-
-def learned_logits(engine, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The model's logits where the losses read them: (N, V) at losses.learned_positions(labels), the
-    LM head never run elsewhere (for SmolLM2's 49k vocabulary, the head and its log-softmax over every
-    position cost a fifth of the step); (B, T, V) everywhere for a model whose forward lacks
-    transformers' `logits_to_keep`. losses.sequence_logps takes either.
-    A packed batch passes its position ids and no attention mask (batching.collate_packed).
-    """
-    from dialogtrain.losses import learned_positions
-
-    inputs = {name: batch[name] for name in ("input_ids", "attention_mask", "position_ids") if name in batch}
-    if keeps_logits(engine.module):
-        inputs["logits_to_keep"] = learned_positions(batch["labels"])
-    return engine(**inputs).logits
-
-
-def batch_sequence_logps(engine, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logps (S,), n_tokens (S,)) of the S examples of a collated batch, padded or packed."""
-    from dialogtrain.losses import sequence_logps
-
-    return sequence_logps(learned_logits(engine, batch), batch["labels"], batch.get("sequence_ids"))
-
-
-def keeps_logits(model: torch.nn.Module) -> bool:
-    """Does `model.forward` take a boolean (B, T) `logits_to_keep` (transformers >= 5.x causal LMs)?"""
-    import inspect
-
-    from transformers import modeling_utils
-
-    return ("logits_to_keep" in inspect.signature(model.forward).parameters
-            and "boolean" in (getattr(modeling_utils, "slice_logits_to_keep", None).__doc__ or ""))

@@ -1,4 +1,4 @@
-"""Attention over packed rows (batching.collate_packed): each example attends to itself only.
+"""Attention over packed rows (collate.collate_packed): each example attends to itself only.
 
 transformers reads a packed row from position ids that restart at each example and, on its sdpa
 path, runs it as one T x T attention under a block-diagonal mask: every query scores every key of
@@ -78,7 +78,7 @@ def prepare_for_packing(model) -> bool:
 
 
 def packs_sequences(model) -> bool:
-    """Does the model keep examples packed into one row apart (batching.collate_packed)?
+    """Does the model keep examples packed into one row apart (collate.collate_packed)?
 
     Measured, not assumed: transformers' own models build a block-diagonal causal mask from position
     ids that restart when no attention mask is given, but a model that ignores them would let each

@@ -32,7 +32,7 @@ def gather_state_dict(engine) -> dict[str, torch.Tensor] | None:
 
 def export_hf_checkpoint(model, state_dict: dict[str, torch.Tensor], tokenizer, out_dir: str | Path) -> Path:
     """Write `out_dir` as a Hugging Face folder, atomically. Call on one process only."""
-    from dialogtrain.formatting import DIALOGPT_CHAT_TEMPLATE
+    from dialogtrain.data.templates import DIALOGPT_CHAT_TEMPLATE
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")

@@ -1,4 +1,4 @@
-"""Conversations and preferences -> token ids plus labels, where only the bot's tokens are learned.
+"""Tokenizing conversations and preference pairs: token ids, labels (only the bot's tokens learned), truncation.
 
 Two renderings, picked by the tokenizer alone:
 - chat-template path (the tokenizer has `chat_template`): the text is what `apply_chat_template`
@@ -15,65 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dialogtrain.data.templates import uses_chat_template
+
 IGNORE_INDEX = -100
 
 # Fewest prompt tokens a preference pair keeps when its responses alone overflow max_length.
 MIN_PROMPT_TOKENS = 8
-
-DIALOGPT_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ message['content'] + eos_token }}{% endfor %}"
-)
-
-# "user: hi\nassistant: hello<EOS>\n": the plain-text chat format of GPT-2 chat models. The space
-# before each content belongs to the content, so the generation prompt ends "assistant:" and a reply
-# starts with " Sure" exactly as in training; the EOS closing each assistant turn teaches the bot to stop.
-USER_ASSISTANT_CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ message['role'] + ': ' + message['content'] }}"
-    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
-)
-
-# --chat-template NAME; anything else is a Jinja template file.
-CHAT_TEMPLATE_NAMES = ("model", "dialogpt", "user-assistant")
-
-
-def prepare_tokenizer(tokenizer):
-    """Set pad = EOS when the tokenizer has no pad token; return it. The chat template is left alone.
-
-    Padding is then known from the attention mask only, never by comparing ids with EOS: the EOS
-    that ends a response stays a learned token.
-    """
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise ValueError("the tokenizer has neither a pad token nor an EOS token to pad with")
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def set_chat_template(tokenizer, choice: str | None):
-    """Apply `--chat-template`; return the tokenizer.
-
-    None or "model": the tokenizer's own template (none: the DialoGPT path). "dialogpt": the DialoGPT
-    path even when the tokenizer has a template. "user-assistant": USER_ASSISTANT_CHAT_TEMPLATE.
-    Anything else is the path of a Jinja template file.
-    """
-    if choice in (None, "model"):
-        return tokenizer
-    if choice == "dialogpt":
-        tokenizer.chat_template = None
-    elif choice == "user-assistant":
-        tokenizer.chat_template = USER_ASSISTANT_CHAT_TEMPLATE
-    else:
-        with open(choice, encoding="utf-8") as f:
-            tokenizer.chat_template = f.read()
-    return tokenizer
-
-
-def uses_chat_template(tokenizer) -> bool:
-    """True when the tokenizer renders with its own chat template; False selects the DialoGPT path."""
-    return bool(getattr(tokenizer, "chat_template", None))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -195,7 +142,7 @@ def render_preference(tokenizer, prompt: list[dict], chosen: str, rejected: str,
 
 
 def _fit_preference(tokenizer, prompt, chosen, rejected, max_length):
-    """render_preference's work, telling apart a cut prompt and a cut completion (for FormatStats)."""
+    """render_preference's work, telling apart a cut prompt and a cut completion (for EncodeStats)."""
     if max_length <= MIN_PROMPT_TOKENS:
         raise ValueError(f"max_length {max_length} leaves no room for a response after "
                          f"{MIN_PROMPT_TOKENS} prompt tokens")
@@ -234,7 +181,7 @@ def _completion(tokenizer, prompt, prompt_ids, text) -> tuple[list[int], list[in
 
 
 @dataclass
-class FormatStats:
+class EncodeStats:
     """What encoding did to a data set, printed at start-up."""
 
     examples: int = 0
@@ -252,7 +199,7 @@ class FormatStats:
 
 
 def encode_conversations(tokenizer, conversations: list[list[dict]], max_length: int
-                         ) -> tuple[list[dict], FormatStats]:
+                         ) -> tuple[list[dict], EncodeStats]:
     """[{"input_ids", "labels"}] for each conversation that has a learnable token, and the counts.
 
     A conversation longer than max_length tokens is shortened in this order, stopping once it fits:
@@ -265,7 +212,7 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], max_length:
     """
     if max_length < 2:
         raise ValueError(f"max_length must be at least 2, got {max_length}")
-    stats, examples = FormatStats(), []
+    stats, examples = EncodeStats(), []
     for messages in conversations:
         ids, labels, history_cut, response_cut = _fit_conversation(tokenizer, messages, max_length)
         if not _learns(labels):
@@ -278,13 +225,13 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], max_length:
     return examples, stats
 
 
-def encode_preferences(tokenizer, preferences, max_length: int) -> tuple[list[dict], FormatStats]:
+def encode_preferences(tokenizer, preferences, max_length: int) -> tuple[list[dict], EncodeStats]:
     """[{"chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"}] and the counts.
 
     `preferences` are objects with .prompt (messages ending with user), .chosen and .rejected (str);
     truncation as in render_preference. A pair where either side has no learnable token is skipped.
     """
-    stats, examples = FormatStats(), []
+    stats, examples = EncodeStats(), []
     for preference in preferences:
         chosen_ids, chosen_labels, rejected_ids, rejected_labels, prompt_cut, completion_cut = _fit_preference(
             tokenizer, preference.prompt, preference.chosen, preference.rejected, max_length)

@@ -10,17 +10,19 @@ from types import SimpleNamespace
 
 import pytest
 
-from dialogtrain.formatting import (
-    DIALOGPT_CHAT_TEMPLATE,
+from dialogtrain.data.encode import (
     IGNORE_INDEX,
     MIN_PROMPT_TOKENS,
-    FormatStats,
+    EncodeStats,
     encode_conversations,
     encode_preferences,
-    prepare_tokenizer,
     render_conversation,
     render_preference,
     render_prompt,
+)
+from dialogtrain.data.templates import (
+    DIALOGPT_CHAT_TEMPLATE,
+    prepare_tokenizer,
     set_chat_template,
     uses_chat_template,
 )
@@ -191,21 +193,21 @@ def test_history_truncation_drops_exactly_the_oldest_exchanges(path, request):
 
     fits, stats = encode_conversations(tok, [messages], max_length=len(whole[0]))
     assert fits == [{"input_ids": whole[0], "labels": whole[1]}]
-    assert stats == FormatStats(examples=1)
+    assert stats == EncodeStats(examples=1)
 
     examples, stats = encode_conversations(tok, [messages], max_length=len(last_two[0]))
     assert examples == [{"input_ids": last_two[0], "labels": last_two[1]}]
-    assert stats == FormatStats(examples=1, history_truncated=1)
+    assert stats == EncodeStats(examples=1, history_truncated=1)
 
     examples, stats = encode_conversations(tok, [messages, messages], max_length=len(last_two[0]) - 1)
     assert examples == [{"input_ids": last_one[0], "labels": last_one[1]}] * 2
-    assert stats == FormatStats(examples=2, history_truncated=2)
+    assert stats == EncodeStats(examples=2, history_truncated=2)
 
     # Not even the system message fits with the last exchange: it goes too.
     without_system = render_conversation(tok, conversation(EXCHANGES[2:]))
     examples, stats = encode_conversations(tok, [messages], max_length=len(last_one[0]) - 1)
     assert examples == [{"input_ids": without_system[0], "labels": without_system[1]}]
-    assert stats == FormatStats(examples=1, history_truncated=1)
+    assert stats == EncodeStats(examples=1, history_truncated=1)
 
 
 def test_a_long_response_is_cut_at_its_end(dialogpt):
@@ -219,7 +221,7 @@ def test_a_long_response_is_cut_at_its_end(dialogpt):
     examples, stats = encode_conversations(tok, [messages], max_length)
     kept = max_length - len(user) - 1
     assert examples == [{"input_ids": user + [eos] + bot[:kept], "labels": [IGNORE] * (len(user) + 1) + bot[:kept]}]
-    assert stats == FormatStats(examples=1, response_truncated=1)
+    assert stats == EncodeStats(examples=1, response_truncated=1)
 
 
 def test_a_long_prompt_and_response_share_max_length(chatml):
@@ -237,7 +239,7 @@ def test_a_long_prompt_and_response_share_max_length(chatml):
     assert labels[window] == [IGNORE] * 15 + ids[prompt:prompt + 16]
     assert tok.decode(ids[window]) == ("s over the lazy dog<|im_end|>\n<|im_start|>assistant\n"
                                        "the quick brown fox jumps over the lazy dog the qu")
-    assert stats == FormatStats(examples=1, history_truncated=1, response_truncated=1)
+    assert stats == EncodeStats(examples=1, history_truncated=1, response_truncated=1)
 
 
 def test_a_long_prompt_before_a_short_response_keeps_all_the_room_it_can(dialogpt):
@@ -252,19 +254,19 @@ def test_a_long_prompt_before_a_short_response_keeps_all_the_room_it_can(dialogp
     assert keep > max_length // 2
     assert examples == [{"input_ids": (user + [eos])[-keep:] + bot + [eos],
                          "labels": [IGNORE] * keep + bot + [eos]}]
-    assert stats == FormatStats(examples=1, history_truncated=1)
+    assert stats == EncodeStats(examples=1, history_truncated=1)
 
 
 def test_a_conversation_with_nothing_to_learn_is_skipped(chatml):
     # A template that renders no assistant turn leaves no learnable token.
     chatml.chat_template = "{% for m in messages %}{% if m['role'] == 'user' %}{{ m['content'] }}\n{% endif %}{% endfor %}"
     examples, stats = encode_conversations(chatml, [conversation(EXCHANGES[:1])], max_length=64)
-    assert examples == [] and stats == FormatStats(skipped=1)
+    assert examples == [] and stats == EncodeStats(skipped=1)
     assert "0 examples" in stats.summary() and "1 skipped" in stats.summary()
 
 
 def test_summary_names_every_count():
-    stats = FormatStats(examples=120, history_truncated=3, response_truncated=1, skipped=2)
+    stats = EncodeStats(examples=120, history_truncated=3, response_truncated=1, skipped=2)
     assert stats.summary() == ("120 examples; 3 lost their oldest turns, 1 response cut at max length, "
                                "2 skipped (nothing to learn)")
 
@@ -343,7 +345,7 @@ def test_encode_preferences_counts_what_it_cut(dialogpt):
 
     examples, stats = encode_preferences(dialogpt, [short, long_prompt, long_completion], max_length)
 
-    assert stats == FormatStats(examples=3, history_truncated=2, response_truncated=1)
+    assert stats == EncodeStats(examples=3, history_truncated=2, response_truncated=1)
     expected = render_preference(dialogpt, short.prompt, short.chosen, short.rejected, max_length)
     assert examples[0] == dict(zip(["chosen_ids", "chosen_labels", "rejected_ids", "rejected_labels"],
                                    expected[:4], strict=True))

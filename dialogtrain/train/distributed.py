@@ -5,12 +5,16 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
+from dialogtrain.errors import UserError
+
+T = TypeVar("T")
 FAIL_RANK_ENV = "DIALOGTRAIN_FAIL_RANK"  # tests: this rank raises once the process group is formed
 
 
@@ -33,6 +37,31 @@ class World:
     def barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
+
+    def from_main(self, compute: Callable[[], T]) -> T:
+        """`compute()` on rank 0, its result (or the UserError it raised) handed to every rank: for work
+        that reads files once, such as hashing a checkpoint, where every rank must get the same answer."""
+        if self.size == 1:
+            return compute()
+        box: list = [None]
+        if self.is_main:
+            try:
+                box[0] = (compute(), None)
+            except UserError as err:
+                box[0] = (None, err)
+        dist.broadcast_object_list(box, src=0)
+        value, error = box[0]
+        if error is not None:
+            raise error
+        return value
+
+    def gather(self, value: T) -> list[T]:
+        """Every rank's `value`, in rank order, on every rank (small picklable objects)."""
+        if self.size == 1:
+            return [value]
+        values: list = [None] * self.size
+        dist.all_gather_object(values, value)
+        return values
 
     def sum(self, *values: float) -> list[float]:
         """All-reduce a few Python numbers (float64 on CPU/GPU); identity on one process."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from dialogtrain.formatting import IGNORE_INDEX
+from dialogtrain.data.encode import IGNORE_INDEX
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +60,7 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, sequence_ids: tor
     logits: (B, T, V) at every position, or (N, V) at learned_positions(labels) only (the fast path:
     no logits, log-softmax or gradient for positions nothing learns); labels: (B, T).
     sequence_ids: (B, T), the sequence each position belongs to (0..S-1; a packed row holds several,
-    see batching.collate_packed); None: row b is sequence b.
+    see collate.collate_packed); None: row b is sequence b.
     Returns (logps (S,), n_tokens (S,)), fp32 and int64.
     The one log-prob primitive: SFT loss and evaluation, and DPO, all use it.
     """
@@ -93,7 +93,7 @@ def sft_loss(logits: torch.Tensor, labels: torch.Tensor, step_target_tokens: int
 
 
 # ----------------------------------------------------------------------------------------------------
-# DPO. Every loss takes the same arguments, so the loop picks one by name (DPO_LOSSES) once:
+# DPO. Every loss takes the same arguments, so the loop picks one by name (PREFERENCE_LOSSES) once:
 #   policy_chosen, policy_rejected, ref_chosen, ref_rejected: (B,) summed completion log-probs
 #   (sequence_logps) of the policy and the reference; beta: the KL strength; label_smoothing: the
 #   assumed fraction of flipped labels (sigmoid only); chosen_tokens, rejected_tokens: (B,)
@@ -176,7 +176,9 @@ def dpo_hinge_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, r
     return (losses, *dpo_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta))
 
 
-DPO_LOSSES = {"sigmoid": dpo_sigmoid_loss, "ipo": dpo_ipo_loss, "hinge": dpo_hinge_loss}
+# The preference losses by --loss name: the one list of them (the launcher reads its keys from this source,
+# options.preference_loss_names, so that it need not import torch).
+PREFERENCE_LOSSES = {"sigmoid": dpo_sigmoid_loss, "ipo": dpo_ipo_loss, "hinge": dpo_hinge_loss}
 
 
 def chosen_nll(policy_chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:

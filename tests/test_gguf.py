@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dialogtrain import gguf_import
 from dialogtrain.errors import UserError
-from dialogtrain.gguf_import import import_gguf, resolve_model, smollm2_gguf_path
+from dialogtrain.export import gguf as gguf_import
+from dialogtrain.export.gguf import import_gguf, resolve_model, smollm2_gguf_path
 
 
 @pytest.fixture

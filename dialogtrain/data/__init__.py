@@ -1,0 +1,1 @@
+"""The data stage: reading, validating, de-duplicating, tokenizing and batching dialogue data."""

@@ -1,0 +1,1 @@
+"""The training stage: the shared loop, the DeepSpeed engine, losses, checkpoints and resume."""
