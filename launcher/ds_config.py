@@ -27,9 +27,8 @@ OFFLOADED_SECTIONS = {
     "optimizer": ("offload_optimizer",),
     "optimizer+param": ("offload_optimizer", "offload_param"),
 }
-OFFLOAD_DEFAULTS = {"device": "cpu", "pin_memory": False}
-FP16_LOSS_SCALING = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2,
-                     "min_loss_scale": 1}  # loss_scale 0: dynamic
+# --precision -> the dtype torch.autocast computes in (mixed precision: fp32 weights and optimizer state).
+AUTOCAST_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 ADAM_DEFAULTS = {"betas": [0.9, 0.999], "eps": 1e-8}
 STEPS_PER_PRINT_NEVER = 2**31 - 1  # the progress bar and metrics.jsonl report steps, not DeepSpeed's log
 
@@ -40,13 +39,16 @@ OWNED_KEYS = {
     "gradient_accumulation_steps": "--grad-accum",
     "fp16.enabled": "--precision",
     "bf16.enabled": "--precision",
+    "torch_autocast.enabled": "--precision",
+    "torch_autocast.dtype": "--precision",
     "zero_optimization.stage": "--zero",
     "zero_optimization.stage3_gather_16bit_weights_on_model_save": "--zero 3 (the export needs it)",
     "gradient_clipping": "--grad-clip",
     "optimizer.params.lr": "--lr",
     "optimizer.params.weight_decay": "--weight-decay",
+    "optimizer.params.torch_adam": "--optimizer, --offload",
 }
-SECTIONS_THAT_ARE_OBJECTS = ("fp16", "bf16", "zero_optimization", "optimizer", "scheduler")
+SECTIONS_THAT_ARE_OBJECTS = ("fp16", "bf16", "torch_autocast", "zero_optimization", "optimizer", "scheduler")
 
 
 def template_name(zero: int, offload: str) -> str:
@@ -80,8 +82,9 @@ def read_ds_config_file(path: str) -> dict:
     return config
 
 
-def build_ds_config(options: RunOptions, template: dict) -> dict:
-    """The DeepSpeed config of `options`, starting from `template` (not modified). Pure.
+def build_ds_config(options: RunOptions, template: dict, *, device: str) -> dict:
+    """The DeepSpeed config of `options` on `device` ("cuda" or "cpu"), starting from `template` (not
+    modified). Pure.
 
     The flags set the keys in OWNED_KEYS and which offload sections exist; everything else in the
     template (tuning knobs, a user's scheduler, activation checkpointing...) is kept as it is.
@@ -94,16 +97,15 @@ def build_ds_config(options: RunOptions, template: dict) -> dict:
     if problems:
         raise OptionsError(problems)
     optim = options.optim
-    zero_optimization, problems = zero_section(template.get("zero_optimization", {}), options)
+    zero_optimization, problems = zero_section(template.get("zero_optimization", {}), options, device)
     config = {
         "train_batch_size": options.global_batch,
         "train_micro_batch_size_per_gpu": optim.micro_batch,
         "gradient_accumulation_steps": optim.grad_accum,
-        "fp16": fp16_section(template.get("fp16", {}), optim.precision),
-        "bf16": {**template.get("bf16", {}), "enabled": optim.precision == "bf16"},
+        **precision_sections(template, optim.precision),
         "zero_optimization": zero_optimization,
         "gradient_clipping": optim.grad_clip,
-        "optimizer": optimizer_section(template.get("optimizer", {}), optim.lr, optim.weight_decay),
+        "optimizer": optimizer_section(template.get("optimizer", {}), options, device),
         "steps_per_print": template.get("steps_per_print", STEPS_PER_PRINT_NEVER),
         "wall_clock_breakdown": template.get("wall_clock_breakdown", False),
     }
@@ -132,19 +134,29 @@ def template_shape_problems(template: dict, user_file: str | None) -> list[str]:
     return problems
 
 
-def fp16_section(template_fp16: dict, precision: str) -> dict:
-    if precision != "fp16":
-        return {**template_fp16, "enabled": False}
-    settings = {key: value for key, value in template_fp16.items() if key != "enabled"}
-    return {"enabled": True, **FP16_LOSS_SCALING, **settings}
+def precision_sections(template: dict, precision: str) -> dict:
+    """The fp16, bf16 and torch_autocast sections of `--precision` (resolved, not auto).
+
+    fp32: all off. bf16, fp16: mixed precision, DeepSpeed's torch_autocast: the weights, gradients and
+    optimizer state stay fp32 and the forward and backward run under torch.autocast in that dtype (fp16
+    with a dynamic torch GradScaler), so every update reaches the weights the forward reads. pure-bf16:
+    DeepSpeed's bf16 mode, bf16 weights with an fp32 master copy in the optimizer: smaller and faster,
+    but an update smaller than half a bf16 step of a weight does not reach the forward.
+    """
+    autocast = AUTOCAST_DTYPES.get(precision)
+    return {"fp16": {**template.get("fp16", {}), "enabled": False},
+            "bf16": {**template.get("bf16", {}), "enabled": precision == "pure-bf16"},
+            "torch_autocast": {**template.get("torch_autocast", {}), "enabled": autocast is not None,
+                               **({"dtype": autocast} if autocast else {})}}
 
 
-def zero_section(template_zero: dict, options: RunOptions) -> tuple[dict, list[str]]:
+def zero_section(template_zero: dict, options: RunOptions, device: str) -> tuple[dict, list[str]]:
     """(zero_optimization, problems): the stage from --zero, offload sections from --offload.
 
-    An offload section the run asks for keeps the template's settings (device, nvme_path...).
-    One it does not ask for is dropped from our own templates, but is a conflict in a user's
-    file, which we refuse rather than silently ignore.
+    An offload section the run asks for keeps the template's settings (device, nvme_path...); pinned
+    host memory by default on GPUs (the copies to and from the GPU run at full speed). One it does not
+    ask for is dropped from our own templates, but is a conflict in a user's file, which we refuse
+    rather than silently ignore.
     """
     zero, offload, user_file = options.optim.zero, options.optim.offload, options.launch.ds_config
     section = {"stage": zero, **{k: v for k, v in template_zero.items() if k != "stage"}}
@@ -152,7 +164,7 @@ def zero_section(template_zero: dict, options: RunOptions) -> tuple[dict, list[s
     for name in ("offload_optimizer", "offload_param"):
         given = section.pop(name, None)
         if name in OFFLOADED_SECTIONS[offload]:
-            settings = {**OFFLOAD_DEFAULTS, **(given or {})}
+            settings = {"device": "cpu", "pin_memory": device == "cuda", **(given or {})}
             if settings["device"] in (None, "none"):
                 settings["device"] = "cpu"
             section[name] = settings
@@ -165,13 +177,25 @@ def zero_section(template_zero: dict, options: RunOptions) -> tuple[dict, list[s
     return section, problems
 
 
-def optimizer_section(template_optimizer: dict, lr: float, weight_decay: float) -> dict:
-    """AdamW unless the template names another optimizer; --lr and --weight-decay always apply."""
+def optimizer_section(template_optimizer: dict, options: RunOptions, device: str) -> dict:
+    """AdamW unless the template names another optimizer; --lr and --weight-decay always apply.
+
+    --optimizer adamw (the default) is torch.optim.AdamW (DeepSpeed's `torch_adam`): nothing to compile,
+    the fused kernel on a GPU; with --offload, DeepSpeed's CPU Adam, which is made for the offloaded
+    update. --optimizer fused-adam is DeepSpeed's FusedAdam, which DeepSpeed JIT-builds on a GPU with
+    the CUDA toolkit (nvcc) on the first run.
+    """
     kind = str(template_optimizer.get("type", "AdamW"))
     params = dict(template_optimizer.get("params", {}))
     if kind.lower() in ("adam", "adamw"):
         params = {**ADAM_DEFAULTS, **params}
-    params.update(lr=lr, weight_decay=weight_decay)
+        torch_adam = options.optim.optimizer == "adamw" and options.optim.offload == "none"
+        params["torch_adam"] = torch_adam
+        if torch_adam and device == "cuda":
+            params.setdefault("fused", True)
+        elif not torch_adam:
+            params.pop("fused", None)
+    params.update(lr=options.optim.lr, weight_decay=options.optim.weight_decay)
     return {**template_optimizer, "type": kind, "params": dict(sorted(params.items()))}
 
 

@@ -27,7 +27,8 @@ from tests.sft_harness import train_in_process, write_pairs_csv, write_run_dir
 
 # 8 pairs, global batch 2: 4 steps per epoch, so step 6 is 2 steps into epoch 1 (mid-epoch), and the
 # checkpoint of step 9 is the last one and the run's end.
-SFT_FLAGS = dict(micro_batch=2, lr=5e-3, max_steps=9, eval_every=4, save_every=3, precision="fp32", gpus="cpu")
+SFT_FLAGS = dict(micro_batch=2, lr=5e-3, max_steps=9, eval_every=4, save_every=3, precision="fp32", gpus="cpu",
+                 keep_overlap=True)  # the eval file holds the training pairs
 
 
 @pytest.fixture(scope="module", params=[0, 2], ids=["zero0", "zero2"])
@@ -143,7 +144,8 @@ def test_the_launcher_refuses_a_changed_resume_before_writing_anything(sft_run, 
     def launch(*extra: str):
         args = ["sft", "--model", flags["model"], "--data", flags["data"], "--eval-data", flags["eval_data"],
                 "--output", str(resumed), "--gpus", "cpu", "--micro-batch", "2", "--max-steps", "9",
-                "--save-every", "3", "--eval-every", "4", "--zero", str(flags["zero"]), *extra]
+                "--save-every", "3", "--eval-every", "4", "--zero", str(flags["zero"]), "--precision", "fp32",
+                *extra]
         return CliRunner().invoke(cli_module.cli, args)
 
     refused = launch("--resume", "--lr", "1e-3")
@@ -207,35 +209,33 @@ def test_a_nan_loss_names_the_step_and_the_last_good_checkpoint(gpt2_dir, tmp_pa
 
 
 class StubEngine:
-    """What check_loss reads of a DeepSpeed engine: fp16, whether the last step was applied, skips so far."""
+    """What check_loss reads of a DeepSpeed engine: an fp16 run's GradScaler (torch_autocast), skips so far."""
 
-    def __init__(self, fp16: bool, applied: bool, skipped_steps: int):
-        self.fp16, self.applied, self.skipped_steps = fp16, applied, skipped_steps
-
-    def fp16_enabled(self) -> bool:
-        return self.fp16
-
-    def was_step_applied(self) -> bool:
-        return self.applied
+    def __init__(self, fp16: bool, skipped_steps: int):
+        self.torch_autocast_z0_gradscaler = object() if fp16 else None
+        self.optimizer, self.skipped_steps = None, skipped_steps
 
 
 def test_fp16_overflows_are_counted_and_reported_not_fatal(tmp_path, capfd):
-    """Under fp16 dynamic loss scaling DeepSpeed skips an overflowing update: counted in the metrics and
-    reported at the end. A non-finite loss DeepSpeed applied, or any in fp32/bf16, stops the run."""
+    """Under fp16 dynamic loss scaling an overflowing update is skipped: counted in the metrics (and flagged
+    on its step) and reported at the end. A non-finite loss of an applied update, or any in fp32/bf16,
+    stops the run."""
     options = RunOptions.from_flat("sft", {"model": "m", "data": "d", "output": str(tmp_path)})
     checkpoints = Checkpoints(tmp_path, options, World(0, 0, 1, torch.device("cpu")), {}, None)
-    assert check_loss(StubEngine(True, False, 3), float("inf"), 7, checkpoints) == {"skipped_steps": 3}
-    assert check_loss(StubEngine(True, False, 4), float("nan"), 8, checkpoints) == {"skipped_steps": 4}
-    assert check_loss(StubEngine(True, True, 4), 2.5, 9, checkpoints) == {"skipped_steps": 4}
-    assert check_loss(StubEngine(False, True, 0), 2.5, 9, checkpoints) == {}
+    assert check_loss(StubEngine(True, 3), float("inf"), 7, True, checkpoints) == {"skipped_steps": 3,
+                                                                                   "skipped": True}
+    assert check_loss(StubEngine(True, 4), float("nan"), 8, True, checkpoints) == {"skipped_steps": 4,
+                                                                                   "skipped": True}
+    assert check_loss(StubEngine(True, 4), 2.5, 9, False, checkpoints) == {"skipped_steps": 4}
+    assert check_loss(StubEngine(False, 0), 2.5, 9, False, checkpoints) == {}
     with pytest.raises(TrainingError, match="loss is nan at step 10; .*No checkpoint was written yet"):
-        check_loss(StubEngine(True, True, 4), float("nan"), 10, checkpoints)
+        check_loss(StubEngine(True, 4), float("nan"), 10, False, checkpoints)
     with pytest.raises(TrainingError, match="loss is inf at step 3"):
-        check_loss(StubEngine(False, True, 0), float("inf"), 3, checkpoints)
-    report_skipped_steps(StubEngine(True, True, 4), 100, checkpoints.world)
-    report_skipped_steps(StubEngine(False, True, 0), 100, checkpoints.world)
-    assert capfd.readouterr().err == ("fp16: DeepSpeed skipped 4 of 100 optimizer steps (gradient overflow; "
-                                      "it lowered the loss scale each time)\n")
+        check_loss(StubEngine(False, 0), float("inf"), 3, False, checkpoints)
+    report_skipped_steps(StubEngine(True, 4), 100, checkpoints.world)
+    report_skipped_steps(StubEngine(False, 0), 100, checkpoints.world)
+    assert capfd.readouterr().err == ("fp16: 4 of 100 optimizer steps were skipped (gradient overflow; the loss "
+                                      "scale was lowered each time)\n")
 
 
 def test_a_failed_save_keeps_the_previous_checkpoint_and_keep_last_prunes(gpt2_dir, tmp_path, monkeypatch):
@@ -315,7 +315,7 @@ def test_dpo_resume_reuses_the_precomputed_reference(llama_dir, tmp_path, monkey
     def no_reference(*args, **kwargs):
         raise AssertionError("the reference model was loaded although the cache matches")
 
-    monkeypatch.setattr(reference, "load_reference_model", no_reference)
+    monkeypatch.setattr(reference, "load_reference_engine", no_reference)
     train_in_process(write_run_dir(resumed, resume="auto", **flags), "dpo")
     assert (resumed / "ref_logps.pt").stat().st_mtime_ns == cache_mtime
     assert metrics_after(resumed, 2) == metrics_after(run_dir, 2)
@@ -393,7 +393,8 @@ def test_a_damaged_checkpoint_named_by_path_is_refused_naming_the_file_and_the_n
     (damaged / name).write_bytes((damaged / name).read_bytes()[:100])  # the launcher compares sizes first
     args = ["sft", "--model", flags["model"], "--data", flags["data"], "--eval-data", flags["eval_data"],
             "--output", str(resumed), "--gpus", "cpu", "--micro-batch", "2", "--max-steps", "9", "--save-every",
-            "3", "--eval-every", "4", "--lr", "5e-3", "--zero", str(flags["zero"]), "--resume", str(damaged)]
+            "3", "--eval-every", "4", "--lr", "5e-3", "--zero", str(flags["zero"]), "--precision", "fp32",
+            "--resume", str(damaged)]
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"{damaged / name} has 100 bytes" in result.output and f"the newest good checkpoint is {good}" in result.output

@@ -18,7 +18,6 @@ from dialogtrain.errors import UserError
 from dialogtrain.options import PRECISIONS, OptionsError, RunOptions
 from dialogtrain.train.engine import resolve_auto_sizes
 from launcher.ds_config import (
-    FP16_LOSS_SCALING,
     OWNED_KEYS,
     TEMPLATES_DIR,
     build_ds_config,
@@ -32,14 +31,20 @@ from launcher.ds_config import (
 GOLDEN = Path(__file__).resolve().parent / "golden"
 VALID_OFFLOADS = {0: ["none"], 1: ["none", "optimizer"], 2: ["none", "optimizer"],
                   3: ["none", "optimizer", "optimizer+param"]}
+RESOLVED = [precision for precision in PRECISIONS if precision != "auto"]  # the launcher resolves auto first
 COMBINATIONS = [(zero, offload, precision) for zero, offloads in VALID_OFFLOADS.items()
-                for offload in offloads for precision in PRECISIONS]
+                for offload in offloads for precision in RESOLVED]
 
 
 def run_options(world_size: int = 2, **flat) -> RunOptions:
     values = {"model": "m", "data": "d", "output": "run", "micro_batch": 4, "grad_accum": 2, "lr": 2e-5,
               "weight_decay": 0.01, "grad_clip": 0.5, "warmup_steps": 10, **flat}
     return RunOptions.from_flat("sft", values, world_size=world_size)
+
+
+def gpu_config(options: RunOptions, template: dict) -> dict:
+    """The config on GPUs, the devices the goldens describe (the CPU's differences: test_cpu_...)."""
+    return build_ds_config(options, template, device="cuda")
 
 
 def golden_name(zero: int, offload: str, precision: str) -> str:
@@ -49,7 +54,7 @@ def golden_name(zero: int, offload: str, precision: str) -> str:
 @pytest.mark.parametrize("zero,offload,precision", COMBINATIONS)
 def test_config_equals_its_golden_file(zero, offload, precision):
     options = run_options(zero=zero, offload=offload, precision=precision)
-    config = build_ds_config(options, load_template(options))
+    config = gpu_config(options, load_template(options))
     golden = GOLDEN / golden_name(zero, offload, precision)
     if os.environ.get("UPDATE_GOLDEN") == "1":
         GOLDEN.mkdir(exist_ok=True)
@@ -66,7 +71,7 @@ def test_every_template_and_precision_is_accepted_by_deepspeed():
 
     for zero, offload, precision in COMBINATIONS:
         options = run_options(world_size=1, zero=zero, offload=offload, precision=precision)
-        parsed = DeepSpeedConfig(resolve_auto_sizes(build_ds_config(options, load_template(options)), 576))
+        parsed = DeepSpeedConfig(resolve_auto_sizes(gpu_config(options, load_template(options)), 576))
         combination = (zero, offload, precision)
         assert (parsed.train_batch_size, parsed.zero_optimization_stage) == (8, zero), combination
 
@@ -91,26 +96,48 @@ def test_auto_zero_sizes_follow_the_hidden_size_with_a_floor():
 
 
 def test_batch_keys_are_micro_batch_times_grad_accum_times_processes():
-    config = build_ds_config(run_options(world_size=3, micro_batch=5, grad_accum=7), {})
+    config = gpu_config(run_options(world_size=3, micro_batch=5, grad_accum=7), {})
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (5, 7)
     assert config["train_batch_size"] == 105
 
 
 def test_precision_sections():
-    fp16 = build_ds_config(run_options(precision="fp16"), {})
-    assert fp16["fp16"] == {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
-                            "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
-    assert fp16["bf16"] == {"enabled": False}
-    bf16 = build_ds_config(run_options(precision="bf16"), {})
-    assert (bf16["fp16"], bf16["bf16"]) == ({"enabled": False}, {"enabled": True})
-    fp32 = build_ds_config(run_options(precision="fp32"), {})
-    assert (fp32["fp16"], fp32["bf16"]) == ({"enabled": False}, {"enabled": False})
+    """bf16 and fp16 are mixed precision (fp32 weights, DeepSpeed's torch_autocast); pure-bf16 is DeepSpeed's
+    bf16 mode (bf16 weights); fp32 neither."""
+    fp16 = gpu_config(run_options(precision="fp16"), {})
+    assert (fp16["fp16"], fp16["bf16"]) == ({"enabled": False}, {"enabled": False})
+    assert fp16["torch_autocast"] == {"enabled": True, "dtype": "float16"}
+    bf16 = gpu_config(run_options(precision="bf16"), {})
+    assert (bf16["fp16"], bf16["bf16"]) == ({"enabled": False}, {"enabled": False})
+    assert bf16["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    pure = gpu_config(run_options(precision="pure-bf16"), {})
+    assert (pure["bf16"], pure["torch_autocast"]) == ({"enabled": True}, {"enabled": False})
+    fp32 = gpu_config(run_options(precision="fp32"), {})
+    assert (fp32["fp16"], fp32["bf16"], fp32["torch_autocast"]) == ({"enabled": False},) * 3
+
+
+def test_the_optimizer_needs_no_build_unless_asked():
+    """torch's AdamW (fused on a GPU) by default; DeepSpeed's CPU Adam with offload; FusedAdam on request."""
+    params = gpu_config(run_options(), {})["optimizer"]["params"]
+    assert (params["torch_adam"], params["fused"]) == (True, True)
+    cpu = build_ds_config(run_options(), {}, device="cpu")["optimizer"]["params"]
+    assert cpu["torch_adam"] is True and "fused" not in cpu  # foreach, torch's default on the CPU
+    offloaded = gpu_config(run_options(zero=2, offload="optimizer"), load_template(run_options(zero=2,
+                                                                                              offload="optimizer")))
+    assert offloaded["optimizer"]["params"]["torch_adam"] is False and "fused" not in offloaded["optimizer"]["params"]
+    assert offloaded["zero_optimization"]["offload_optimizer"]["pin_memory"] is True  # fast copies to the GPU
+    on_cpu = build_ds_config(run_options(zero=2, offload="optimizer"), {}, device="cpu")
+    assert on_cpu["zero_optimization"]["offload_optimizer"]["pin_memory"] is False
+    fused = gpu_config(run_options(optimizer="fused-adam"), {})["optimizer"]["params"]
+    assert fused["torch_adam"] is False and "fused" not in fused
+    with pytest.raises(OptionsError, match="--optimizer fused-adam runs on the GPU"):
+        run_options(optimizer="fused-adam", zero=2, offload="optimizer")
 
 
 def test_optimizer_clipping_and_no_scheduler_section():
-    config = build_ds_config(run_options(lr=3e-4, weight_decay=0.1, grad_clip=0.0), {})
-    assert config["optimizer"] == {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8, "lr": 3e-4,
-                                                               "weight_decay": 0.1}}
+    config = gpu_config(run_options(lr=3e-4, weight_decay=0.1, grad_clip=0.0), {})
+    assert config["optimizer"] == {"type": "AdamW", "params": {"betas": [0.9, 0.999], "eps": 1e-8, "fused": True,
+                                                               "lr": 3e-4, "torch_adam": True, "weight_decay": 0.1}}
     assert config["gradient_clipping"] == 0.0
     assert "scheduler" not in config  # the worker's warm-up/decay schedule applies
 
@@ -124,10 +151,10 @@ def test_optimizer_clipping_and_no_scheduler_section():
 ])
 def test_offload_sections_follow_the_offload_flag(zero, offload, sections):
     options = run_options(zero=zero, offload=offload)
-    zero_config = build_ds_config(options, load_template(options))["zero_optimization"]
+    zero_config = gpu_config(options, load_template(options))["zero_optimization"]
     assert {key for key in zero_config if key.startswith("offload_")} == sections
     for name in sections:
-        assert zero_config[name] == {"device": "cpu", "pin_memory": False}
+        assert zero_config[name] == {"device": "cpu", "pin_memory": True}  # pinned on GPUs (CPU: test above)
     assert zero_config.get("stage3_gather_16bit_weights_on_model_save", False) is (zero == 3)
 
 
@@ -145,7 +172,7 @@ def test_the_template_is_not_modified():
     options = run_options(zero=3, offload="optimizer")
     template = load_template(options)
     before = copy.deepcopy(template)
-    build_ds_config(options, template)
+    gpu_config(options, template)
     assert template == before
 
 
@@ -163,16 +190,18 @@ def test_a_user_config_keeps_its_settings_and_the_flags_own_their_keys(tmp_path)
             "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 5}},
             "activation_checkpointing": {"partition_activations": True}}
     options = user_options(tmp_path / "mine.json", zero=2, offload="optimizer", precision="fp16")
-    config = build_ds_config(options, user)
+    config = gpu_config(options, user)
     assert config["train_batch_size"] == 16
-    assert config["fp16"] == {"enabled": True, **FP16_LOSS_SCALING, "initial_scale_power": 12}
+    assert config["fp16"] == {"enabled": False, "initial_scale_power": 12}  # fp16 is autocast now
+    assert config["torch_autocast"] == {"enabled": True, "dtype": "float16"}
     assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000, "offload_optimizer": {
-        "device": "nvme", "pin_memory": False, "nvme_path": "/nvme"}}
+        "device": "nvme", "pin_memory": True, "nvme_path": "/nvme"}}
     assert config["optimizer"] == {"type": "Lamb", "params": {"lr": 2e-5, "weight_decay": 0.01}}
     assert config["scheduler"] == user["scheduler"]
     assert config["activation_checkpointing"] == user["activation_checkpointing"]
     assert overridden_settings(user, config) == [
         "train_batch_size 64 -> 16 (--micro-batch x --grad-accum x processes of all nodes)",
+        "fp16.enabled true -> false (--precision)",
         "optimizer.params.lr 0.1 -> 2e-05 (--lr)",
     ]  # "auto" and equal values are not listed
 
@@ -180,7 +209,7 @@ def test_a_user_config_keeps_its_settings_and_the_flags_own_their_keys(tmp_path)
 def test_a_user_offload_that_the_offload_flag_does_not_ask_for_is_refused(tmp_path):
     user = {"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}
     with pytest.raises(OptionsError) as refused:
-        build_ds_config(user_options(tmp_path / "mine.json", zero=3, offload="optimizer"), user)
+        gpu_config(user_options(tmp_path / "mine.json", zero=3, offload="optimizer"), user)
     assert refused.value.problems == [
         f"--offload optimizer, but --ds-config {tmp_path / 'mine.json'} sets zero_optimization.offload_param."
         "device 'cpu'; pass --offload optimizer+param --zero 3 or remove that section"]
@@ -189,14 +218,14 @@ def test_a_user_offload_that_the_offload_flag_does_not_ask_for_is_refused(tmp_pa
 def test_sections_that_are_not_objects_are_refused(tmp_path):
     user = {"fp16": True, "zero_optimization": {"stage": 1, "offload_optimizer": "cpu"}, "bfloat16": {}}
     with pytest.raises(OptionsError) as refused:
-        build_ds_config(user_options(tmp_path / "mine.json"), user)
+        gpu_config(user_options(tmp_path / "mine.json"), user)
     assert len(refused.value.problems) == 3
     source = f"--ds-config {tmp_path / 'mine.json'}"
     assert all(problem.startswith(source) for problem in refused.value.problems)
 
 
 def test_consistency_check_catches_a_wrong_train_batch_size():
-    config = build_ds_config(run_options(world_size=2), {})
+    config = gpu_config(run_options(world_size=2), {})
     assert consistency_problems(config, 2) == []
     assert consistency_problems({**config, "train_batch_size": 12}, 2) == [
         "train_batch_size 12 != --micro-batch 4 x --grad-accum 2 x 2 processes (all nodes)"]

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from dialogtrain.train.losses import sequence_logps, sft_loss, token_logps
+from dialogtrain.data.collate import learned_index
+from dialogtrain.train.losses import per_sequence, sequence_logps, sft_loss, token_logps
 
 
 def log_softmax(row, index):
@@ -33,8 +34,16 @@ def test_sequence_logps_sums_target_tokens():
 
 def test_sft_loss_divides_by_the_step_token_count_not_the_batch():
     total = -(log_softmax([1.0, 2.0, 0.0], 1) + log_softmax([2.0, 0.0, 1.0], 2))
-    assert sft_loss(LOGITS, LABELS, step_target_tokens=2).item() == pytest.approx(total / 2, abs=1e-6)
-    assert sft_loss(LOGITS, LABELS, step_target_tokens=8).item() == pytest.approx(total / 8, abs=1e-6)
+    batch = learned_index(LABELS)  # what the collate hands the step: positions 0 and 2 predict 1 and 2
+    assert (batch["keep"].tolist(), batch["targets"].tolist()) == ([[True, False, True, False]], [1, 2])
+    kept = LOGITS[batch["keep"]]  # (2, 3), as the model returns them for logits_to_keep
+    assert sft_loss(kept, batch["targets"], step_target_tokens=2).item() == pytest.approx(total / 2, abs=1e-6)
+    assert sft_loss(kept, batch["targets"], step_target_tokens=8).item() == pytest.approx(total / 8, abs=1e-6)
+
+
+def test_per_sequence_sums_follow_the_owners():
+    values = torch.tensor([1.0, 2.0, 4.0, 8.0])
+    assert per_sequence(values, torch.tensor([0, 2, 2, 0]), 3).tolist() == [9.0, 0.0, 6.0]
 
 
 def test_bf16_logits_are_scored_in_fp32():
@@ -64,8 +73,8 @@ def test_logits_at_learned_positions_only_give_the_same_logps_and_gradients():
     full, n_full = sequence_logps(logits, labels)
     fast, n_fast = sequence_logps(logits[keep], labels)
     assert torch.allclose(full, fast) and n_full.tolist() == n_fast.tolist() == [4, 2, 1]
-    grad_full = torch.autograd.grad(sft_loss(logits, labels, 7), logits)[0]
-    grad_fast = torch.autograd.grad(sft_loss(logits[keep], labels, 7), logits)[0]
+    grad_full = torch.autograd.grad(-sequence_logps(logits, labels)[0].sum() / 7, logits)[0]
+    grad_fast = torch.autograd.grad(sft_loss(logits[keep], learned_index(labels)["targets"], 7), logits)[0]
     assert torch.allclose(grad_full, grad_fast)
     with pytest.raises(ValueError, match="learned positions"):
         sequence_logps(logits[keep][:-1], labels)

@@ -16,17 +16,17 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path, trust_remote_
     folder RUN/final holds when training ends at that step (weights in the training precision)."""
     import torch
 
-    from dialogtrain.export.hf import export_hf_checkpoint
+    from dialogtrain.export.hf import cast_state_dict, export_hf_checkpoint
 
     folder, progress = verified_checkpoint(str(checkpoint))  # a damaged file stops the export, naming it
     with safe_torch_load():
         state_dict = consolidated_state_dict(folder, progress["zero"])
+    if progress["options"].get("lora_r"):  # a LoRA checkpoint holds the trained weights only
+        from dialogtrain.export.adapter import export_lora_checkpoint
+
+        return export_lora_checkpoint(folder, progress, state_dict, out_dir, trust_remote_code)
     dtype = getattr(torch, progress["dtype"])
-    cast: dict[int, torch.Tensor] = {}  # by tensor, so tied parameters (one tensor, two names) stay one
-    for tensor in state_dict.values():
-        if id(tensor) not in cast:
-            cast[id(tensor)] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-    state_dict = {name: cast[id(tensor)] for name, tensor in state_dict.items()}
+    state_dict = cast_state_dict(state_dict, dtype)
     model, tokenizer = model_skeleton(folder / HF_FILES, dtype, trust_remote_code)
     return export_hf_checkpoint(model, state_dict, tokenizer, out_dir)
 

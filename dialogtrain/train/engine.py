@@ -121,19 +121,53 @@ def current_lr(engine) -> float:
     return float(engine.get_lr()[0])
 
 
-def optimizer_step(engine) -> float:
-    """`engine.step()` for the last micro-batch of an optimizer step; returns the grad norm before clipping.
+def grad_scaler(engine):
+    """torch's GradScaler of an fp16 mixed-precision run (DeepSpeed's torch_autocast), or None."""
+    return getattr(engine, "torch_autocast_z0_gradscaler", None) \
+        or getattr(engine.optimizer, "torch_autocast_gradscaler", None)
 
-    DeepSpeed reports the norm for ZeRO and mixed precision. The plain fp32 ZeRO-0 path does not,
-    so there it is computed from the gradients, which `engine.backward` has already all-reduced.
+
+def optimizer_step(engine) -> tuple[float, bool]:
+    """`engine.step()` for the last micro-batch of an optimizer step. Returns (the gradient norm before
+    clipping, whether the update was applied): fp16 skips an update whose gradients overflowed.
+
+    DeepSpeed reports the norm for ZeRO and pure bf16; at ZeRO-0 otherwise it is computed here from the
+    gradients, which `engine.backward` has already all-reduced. With fp16 mixed precision (a GradScaler
+    multiplies the loss by its scale S) DeepSpeed 0.19.8 needs three corrections, made here:
+    - the gradients, and so the norms it reports and the one computed here, are S times too large;
+    - ZeRO 1-3 clip against that scaled norm before the GradScaler divides by S, which would shrink
+      every clipped update S times: their clip threshold is set to S x --grad-clip for the step;
+    - ZeRO 1-3 skip an overflowing step themselves without telling the GradScaler, whose scale would
+      then never come down: it is lowered here as the GradScaler would; at ZeRO-0 the GradScaler skips
+      the update itself but DeepSpeed counts it as applied and advances the LR schedule: the skip is
+      counted and the schedule put back, so the schedule follows the applied updates.
     """
-    plain = engine.zero_optimization_stage() == 0 and not (engine.bfloat16_enabled() or engine.fp16_enabled())
-    norm = gradient_norm(engine.module) if plain else None
+    scaler = grad_scaler(engine)
+    scale = scaler.get_scale() if scaler else 1.0  # one read of a device value per optimizer step
+    zero = engine.zero_optimization_stage() > 0
+    if scaler and zero:
+        engine.optimizer.clip_grad = engine.gradient_clipping() * scale
+    plain = not zero and not (engine.bfloat16_enabled() or engine.fp16_enabled())
+    norm = gradient_norm(engine.module) / scale if plain else None
     engine.step()
     if not plain:
         reported = engine.get_global_grad_norm()
-        norm = float(reported) if reported is not None else math.nan
-    return norm
+        norm = float(reported) / scale if reported is not None else math.nan
+    applied = engine.was_step_applied()
+    if scaler and zero and not applied:
+        scaler.update(new_scale=scale * scaler.get_backoff_factor())
+    elif scaler and not zero and scaler.get_scale() < scale:  # the GradScaler skipped it
+        applied = False
+        engine.skipped_steps += 1
+        rewind_schedule(engine.lr_scheduler)
+    return norm, applied
+
+
+def rewind_schedule(scheduler) -> None:
+    """Undo the last step of a torch LR scheduler (ours is a LambdaLR): its count and the learning rates."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        scheduler.last_epoch -= 2
+        scheduler.step()
 
 
 def gradient_norm(model: torch.nn.Module) -> float:

@@ -3,8 +3,10 @@
 Metric names are a small fixed vocabulary that tests and `dialogtrain plot` parse back:
 step, epoch, loss, lr, grad_norm, tokens_per_s, input_tokens, target_tokens, mfu (train.mfu),
 eval_loss, eval_ppl, and for DPO rewards/chosen, rewards/rejected, rewards/accuracies,
-rewards/margins, logps/chosen, logps/rejected (eval variants prefixed with `eval_`).
+rewards/margins, logps/chosen, logps/rejected, for ORPO also nll_loss, log_odds_ratio,
+log_odds_chosen, for KTO kl (eval variants prefixed with `eval_`).
 tokens_per_s counts the non-pad input tokens of the step (all ranks) over its wall time.
+Each record written also goes to the trackers of --report-to (train.trackers), as written.
 """
 
 from __future__ import annotations
@@ -19,16 +21,20 @@ from pathlib import Path
 class MetricsLog:
     """Appends one JSON object per logged step and drives a tqdm bar on stderr."""
 
-    def __init__(self, path: Path, total_steps: int, initial_step: int = 0):
+    def __init__(self, path: Path, total_steps: int, initial_step: int = 0, trackers=None):
         from tqdm import tqdm
 
+        self.trackers = trackers  # train.trackers.Trackers: --report-to, each record as written here
         self.file = open(path, "a")
         self.bar = tqdm(total=total_steps, initial=initial_step, dynamic_ncols=True, file=sys.stderr,
                         desc="train", mininterval=0.5)
 
     def log(self, record: dict) -> None:
-        self.file.write(json.dumps({k: round_float(v) for k, v in record.items()}) + "\n")
+        record = {k: round_float(v) for k, v in record.items()}
+        self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        if self.trackers:
+            self.trackers.log(record)
 
     def progress(self, steps: int, **shown: float) -> None:
         self.bar.update(steps)
@@ -37,6 +43,8 @@ class MetricsLog:
     def close(self) -> None:
         self.bar.close()
         self.file.close()
+        if self.trackers:
+            self.trackers.close()
 
 
 class NullLog:
@@ -52,8 +60,14 @@ class NullLog:
         pass
 
 
-def open_metrics(run_dir: Path, is_main: bool, total_steps: int, initial_step: int = 0):
-    return MetricsLog(run_dir / "metrics.jsonl", total_steps, initial_step) if is_main else NullLog()
+def open_metrics(run_dir: Path, is_main: bool, total_steps: int, initial_step: int = 0, options=None):
+    """Rank 0: RUN/metrics.jsonl (after `initial_step`, resuming) and the trackers of `options` (--report-to)."""
+    if not is_main:
+        return NullLog()
+    from dialogtrain.train.trackers import open_trackers
+
+    trackers = open_trackers(options, run_dir, initial_step) if options else None
+    return MetricsLog(run_dir / "metrics.jsonl", total_steps, initial_step, trackers)
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -61,8 +75,9 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def round_float(value):
-    if isinstance(value, float) and math.isfinite(value):
-        return float(f"{value:.6g}")
+    """6 significant digits; NaN and infinities (an fp16 step that overflowed) are null: JSON has none."""
+    if isinstance(value, float):
+        return float(f"{value:.6g}") if math.isfinite(value) else None
     return value
 
 

@@ -15,7 +15,8 @@ PEAK_FLOPS_ENV = "DIALOGTRAIN_PEAK_FLOPS"
 
 
 def train_flops_per_token(model) -> int:
-    """6 x parameters: forward (2N) and backward (4N) FLOPs per trained token, attention not counted.
+    """Training FLOPs per token, attention not counted: 6 per trained parameter (forward 2, the backward's
+    gradients of the activations 2 and of the weight 2), 4 per frozen one (LoRA's base: no weight gradient).
 
     Counts each parameter once (tied embeddings once); under ZeRO-3 the full size (`ds_numel`).
     """
@@ -23,8 +24,8 @@ def train_flops_per_token(model) -> int:
     for p in model.parameters():
         if id(p) not in seen:
             seen.add(id(p))
-            total += getattr(p, "ds_numel", p.numel())
-    return 6 * total
+            total += getattr(p, "ds_numel", p.numel()) * (6 if p.requires_grad else 4)
+    return total
 
 
 def matmul_peak_flops(precision: str, device, budget_s: float = 0.8) -> float:
@@ -35,7 +36,7 @@ def matmul_peak_flops(precision: str, device, budget_s: float = 0.8) -> float:
     """
     import torch
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "pure-bf16": torch.bfloat16}[precision]
     device = torch.device(device)
 
     def sync():
