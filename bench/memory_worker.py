@@ -1,10 +1,11 @@
-"""The real SFT worker, with its memory measured: what `make bench` launches for the memory rows.
+"""The real SFT (or DPO) worker, with its memory measured: what `make bench` launches for the memory rows.
 
-    torchrun ... -m bench.memory_worker RUN/run.json
+    torchrun ... -m bench.memory_worker RUN/run.json [sft|dpo]
 
-`dialogtrain.sft.train` runs unchanged; the only additions are notes of this process's memory:
+`dialogtrain.sft.train` (or dpo's) runs unchanged; the only additions are notes of this process's memory:
 - `rss_before_model`, `tensor_bytes_before_model`: RSS, and the bytes of live CPU tensors, right before
-  the model is built (libraries imported, data encoded);
+  the model is built (libraries imported, data encoded); `peak_rss_after_load`: peak RSS once it is loaded
+  (bench.host_memory: what ZeRO-3's partitioned loading changes);
 - `tensor_bytes_at_update`: the largest total of the live CPU tensors' storages (each storage counted
   once) at an optimizer update, after the last backward of the step and before the update. There the
   rank's model states are all live (weights, gradients, and from the second step on the optimizer
@@ -45,18 +46,22 @@ def live_tensor_bytes() -> int:
 
 
 def main() -> None:
-    import dialogtrain.sft as sft
+    import importlib
+
     import dialogtrain.train.loop as loop
     from dialogtrain.train.distributed import distributed_world
 
     run_json = Path(sys.argv[1])
+    recipe = importlib.import_module(f"dialogtrain.{sys.argv[2] if len(sys.argv) > 2 else 'sft'}")
     notes = {"tensor_bytes_at_update": 0}
-    load_model, optimizer_step, save_final = loop.load_model, sft.optimizer_step, loop.save_final
+    load_model, optimizer_step, save_final = loop.load_model, recipe.optimizer_step, loop.save_final
 
     def load_model_noting_memory(*args, **kwargs):
         notes["rss_before_model"] = rss_bytes()
         notes["tensor_bytes_before_model"] = live_tensor_bytes()
-        return load_model(*args, **kwargs)
+        model = load_model(*args, **kwargs)
+        notes["peak_rss_after_load"] = peak_rss_bytes()
+        return model
 
     def optimizer_step_noting_model_states(engine):
         gc.collect()
@@ -67,10 +72,10 @@ def main() -> None:
         notes["peak_rss_training"] = peak_rss_bytes()
         return save_final(*args, **kwargs)
 
-    loop.load_model, sft.optimizer_step, loop.save_final = load_model_noting_memory, \
+    loop.load_model, recipe.optimizer_step, loop.save_final = load_model_noting_memory, \
         optimizer_step_noting_model_states, save_final_noting_peak
     with distributed_world() as world:
-        sft.train(run_json, world)
+        recipe.train(run_json, world)
     rank = int(os.environ.get("RANK", 0))
     (run_json.parent / f"memory-rank{rank}.json").write_text(json.dumps({**notes, "peak_rss": peak_rss_bytes()}) + "\n")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from dialogtrain.errors import UserError
 
 FAKE_GPUS_ENV = "DIALOGTRAIN_FAKE_GPUS"  # tests: pretend this many GPUs exist, skip nvidia-smi
+FAKE_CAPABILITY_ENV = "DIALOGTRAIN_FAKE_GPU_CAPABILITY"  # tests: their compute capability, "8.0" unless given
 HOSTFILE_LINE = re.compile(r"(\S+)\s+slots=(\d+)")  # `worker-1 slots=8`, DeepSpeed's (and MPI's) format
 
 
@@ -70,6 +71,30 @@ def count_nvidia_smi_gpus() -> int:
     if listing.returncode != 0:
         return 0
     return sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))
+
+
+def gpu_capabilities(devices: Devices, environ: Mapping[str, str] | None = None) -> list[tuple[int, int]] | None:
+    """The compute capability (major, minor) of each GPU the run uses on this node, from nvidia-smi; None for
+    a CPU run, the hosts of a --hostfile (other machines) or GPUs nvidia-smi does not describe here."""
+    environ = os.environ if environ is None else environ
+    if devices.kind != "cuda" or devices.hosts or not devices.cuda_visible_devices:
+        return None
+    if environ.get(FAKE_GPUS_ENV) is not None:
+        major, _, minor = environ.get(FAKE_CAPABILITY_ENV, "8.0").partition(".")
+        return [(int(major), int(minor or 0))] * devices.nproc
+    try:
+        listing = subprocess.run(["nvidia-smi", "--query-gpu=index,compute_cap", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    by_index = {}
+    for line in listing.stdout.splitlines():
+        index, _, capability = (part.strip() for part in line.partition(","))
+        major, _, minor = capability.partition(".")
+        if index.isdigit() and major.isdigit() and minor.isdigit():
+            by_index[index] = (int(major), int(minor))
+    wanted = devices.cuda_visible_devices.split(",")
+    return [by_index[i] for i in wanted] if listing.returncode == 0 and all(i in by_index for i in wanted) else None
 
 
 def parse_gpu_ids(gpus: str) -> list[int]:

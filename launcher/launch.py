@@ -29,7 +29,7 @@ from pathlib import Path
 from dialogtrain.options import RunOptions
 from launcher.devices import Devices
 
-WORKER_MODULES = {"sft": "dialogtrain.sft", "dpo": "dialogtrain.dpo"}
+WORKER_MODULES = {"sft": "dialogtrain.sft", "dpo": "dialogtrain.dpo", "kto": "dialogtrain.kto"}
 FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Every node must use the same port, so with several nodes it cannot be a free port found on one of them:
 # torchrun's and DeepSpeed's own default.
@@ -61,7 +61,7 @@ def plan_launch(command: str, options: RunOptions, devices: Devices, run_dir: Pa
     launch = options.launch
     several = launch.nnodes > 1 or bool(launch.hostfile)
     port = master_port or (DEFAULT_MASTER_PORT if several else free_port())
-    env = launch_environment(devices, environ)
+    env = launch_environment(devices, environ, offload=options.optim.offload != "none")
     if launch.hostfile:
         worker_env = deepspeed_env(env, environ, Path.home(), Path.cwd())
         env = {**env, "DS_ENV_FILE": str(run_dir / WORKER_ENV)}
@@ -121,18 +121,25 @@ def deepspeed_argv(command: str, run_json: Path, hostfile: str, port: int, maste
     return argv + ["--module", "--no_local_rank", WORKER_MODULES[command], str(run_json)]
 
 
-def launch_environment(devices: Devices, environ: Mapping[str, str],
-                       cpu_count: int | None = None) -> dict[str, str]:
+def launch_environment(devices: Devices, environ: Mapping[str, str], cpu_count: int | None = None,
+                       offload: bool = False) -> dict[str, str]:
     """The variables the launch sets on top of the current environment.
 
-    GPUs: CUDA_VISIBLE_DEVICES. CPU: no visible GPU, DeepSpeed's CPU accelerator, and the cores
-    split between the processes of a node (the user's OMP_NUM_THREADS wins) so they do not oversubscribe.
+    GPUs: CUDA_DEVICE_ORDER=PCI_BUS_ID, so CUDA numbers the GPUs as nvidia-smi does (its default puts the
+    fastest first), which `--gpus` ids and CUDA_VISIBLE_DEVICES then mean; CUDA_VISIBLE_DEVICES; and with
+    --offload, the node's cores split between its processes for DeepSpeed's CPU Adam (torchrun would give
+    each one thread). CPU: no visible GPU, DeepSpeed's CPU accelerator, and the cores split between the
+    processes of a node so they do not oversubscribe. The user's OMP_NUM_THREADS and CUDA_DEVICE_ORDER win.
     """
+    cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
+    threads = environ.get("OMP_NUM_THREADS") or str(max(1, cores // devices.nproc))
     if devices.kind == "cuda":
-        env = {"CUDA_VISIBLE_DEVICES": devices.cuda_visible_devices} if not devices.hosts else {}
+        env = {"CUDA_DEVICE_ORDER": environ.get("CUDA_DEVICE_ORDER", "PCI_BUS_ID")}
+        if not devices.hosts:
+            env["CUDA_VISIBLE_DEVICES"] = devices.cuda_visible_devices
+        if offload:
+            env["OMP_NUM_THREADS"] = threads
     else:
-        cores = cpu_count if cpu_count is not None else (os.cpu_count() or 1)
-        threads = environ.get("OMP_NUM_THREADS") or str(max(1, cores // devices.nproc))
         env = {"CUDA_VISIBLE_DEVICES": "", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": threads}
     env["PYTHONUNBUFFERED"] = "1"
     return env

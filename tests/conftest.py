@@ -19,6 +19,23 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The suite runs on the CPU, also on a machine with GPUs: no GPU is visible to it or to the processes it
+# starts, and DeepSpeed takes its CPU accelerator (gloo), so every tolerance is the CPU's. `make gpu-check`
+# runs the `gpu` tests with DIALOGTRAIN_TEST_DEVICE=cuda, which leaves the GPUs visible.
+GPU_SESSION = os.environ.get("DIALOGTRAIN_TEST_DEVICE") == "cuda"
+if not GPU_SESSION:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run in a GPU session only (with CUDA there); other tests only outside one."""
+    for item in items:
+        if ("gpu" in item.keywords) != GPU_SESSION:
+            reason = ("a GPU test: run it with `make gpu-check`" if not GPU_SESSION
+                      else "a CPU test: the GPU session runs the gpu tests only")
+            item.add_marker(pytest.mark.skip(reason=reason))
+
 REPO = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 

@@ -25,8 +25,28 @@ def test_collate_packed_puts_the_examples_back_to_back_with_their_own_positions(
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert batch["labels"].tolist() == [[-100, 6, 7, -100, 9]]  # 7 must not learn to predict 8
     assert batch["sequence_ids"].tolist() == [[0, 0, 0, 1, 1]]
-    assert "attention_mask" not in batch  # transformers reads the packing from the position ids
+    assert "attention_mask" not in batch  # the attention reads the boundaries instead
+    assert batch["cu_seq_lens"].tolist() == [0, 3, 5] and batch["cu_seq_lens"].dtype == torch.int32
+    assert (batch["max_length"], batch["input_tokens"], batch["num_sequences"], batch["target_tokens"]) == (3, 5, 2, 3)
+    # where the losses read the logits, found on the CPU: positions 0, 1, 3 predict 6, 7 and 9
+    assert (batch["keep"].tolist(), batch["targets"].tolist()) == ([0, 1, 3], [6, 7, 9])
+    assert (batch["owners"].tolist(), batch["counts"].tolist()) == ([0, 0, 1], [2, 1])
     assert collate_sft(EXAMPLES, pad_id=0, packed=True).keys() == batch.keys()
+
+
+def test_collate_sft_finds_the_learned_positions_of_padded_rows():
+    batch = collate_sft(EXAMPLES, pad_id=0)
+    assert batch["keep"].tolist() == [[True, True, False], [True, False, False]]
+    assert (batch["targets"].tolist(), batch["owners"].tolist(), batch["counts"].tolist()) == ([6, 7, 9], [0, 0, 1],
+                                                                                             [2, 1])
+    assert (batch["input_tokens"], batch["num_sequences"]) == (5, 2)
+
+
+def test_the_block_diagonal_mask_keeps_each_example_to_itself():
+    from dialogtrain.train.attention import block_causal_mask
+
+    assert block_causal_mask(torch.tensor([0, 2, 3], dtype=torch.int32), 3).int().tolist() == [
+        [1, 0, 0], [1, 1, 0], [0, 0, 1]]
 
 
 def test_collate_preferences_packed_keeps_chosen_first():
@@ -82,9 +102,10 @@ def encoded(model_dir, max_length=64):
 
 
 @pytest.mark.parametrize("model_fixture", ["gpt2_dir", "llama_dir"])
-def test_packed_rows_give_the_padded_log_probs_and_gradients(model_fixture, request):
-    """Under transformers' sdpa (one masked attention over the row) and our per-example attention."""
-    from dialogtrain.train.attention import PER_EXAMPLE, attend_per_example, packs_sequences
+def test_packed_rows_give_the_padded_log_probs_and_gradients(model_fixture, request, monkeypatch):
+    """Under transformers' sdpa (which reads the packing from the restarting positions) and under
+    packed_attention's CPU path (SDPA per example) and its block-diagonal-mask path (the GPU's for fp32)."""
+    import dialogtrain.train.attention as attention
     from dialogtrain.train.forward import batch_sequence_logps
 
     model, tokenizer, examples = encoded(request.getfixturevalue(model_fixture))
@@ -98,34 +119,36 @@ def test_packed_rows_give_the_padded_log_probs_and_gradients(model_fixture, requ
 
     padded, n_padded, grads_padded = scored(packed=False)
     assert model.config._attn_implementation == "sdpa"
-    for attention in ("sdpa", PER_EXAMPLE):
-        if attention == PER_EXAMPLE:
-            assert attend_per_example(model) and model.config._attn_implementation == PER_EXAMPLE
-        assert packs_sequences(model)
+    for path in ("sdpa", attention.PER_EXAMPLE, attention.BLOCK_MASK):
+        if path == attention.PER_EXAMPLE:
+            assert attention.attend_packed(model) == "sdpa" and model.config._attn_implementation == attention.PACKED
+        if path != "sdpa":
+            monkeypatch.setattr(attention, "attention_path", lambda device, dtype, dropout=0.0, path=path: path)
+        assert attention.packs_sequences(model)
         packed, n_packed, grads_packed = scored(packed=True)
         assert n_packed.tolist() == n_padded.tolist() and len(n_packed) == len(examples)
-        assert (packed - padded).abs().max().item() < 1e-4, attention
+        assert (packed - padded).abs().max().item() < 1e-4, path
         for name, grad in grads_padded.items():
             assert (grads_packed[name] - grad).abs().max().item() <= 1e-4 * max(1.0, grad.abs().max().item()), name
 
 
-def test_example_starts_are_read_once_per_position_ids_tensor(monkeypatch):
-    from dialogtrain.train.attention import example_starts
+def test_the_attention_path_follows_the_device_and_dtype():
+    from dialogtrain.train import attention
 
-    positions = torch.tensor([[0, 1, 2, 0, 1, 0]])
-    assert example_starts(positions) == [0, 3, 5, 6]
-    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("read the same positions again"))
-    assert example_starts(positions) == [0, 3, 5, 6]  # the next layer: same tensor, no second read
-    monkeypatch.undo()
-    assert example_starts(torch.tensor([[0, 1, 2, 3, 0, 1]])) == [0, 4, 6]  # another row is read
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert attention.attention_path(cpu, torch.bfloat16) == attention.PER_EXAMPLE
+    assert attention.attention_path(cuda, torch.bfloat16) == attention.VARLEN  # torch 2.13 has varlen_attn
+    assert attention.attention_path(cuda, torch.float16) == attention.VARLEN
+    assert attention.attention_path(cuda, torch.float32) == attention.BLOCK_MASK  # flash kernels are 16-bit
+    assert attention.attention_path(cuda, torch.bfloat16, dropout=0.1) == attention.BLOCK_MASK
 
 
-def test_per_example_attention_is_not_saved_with_the_model(llama_dir, tmp_path):
-    from dialogtrain.train.attention import attend_per_example
+def test_packed_attention_is_not_saved_with_the_model(llama_dir, tmp_path):
+    from dialogtrain.train.attention import attend_packed
     from dialogtrain.train.model import load_model, load_tokenizer
 
     model = load_model(str(llama_dir), load_tokenizer(str(llama_dir)))
-    assert attend_per_example(model)
+    assert attend_packed(model) == "sdpa"
     model.save_pretrained(tmp_path / "saved")
     assert "dialogtrain" not in (tmp_path / "saved" / "config.json").read_text()
 
@@ -137,7 +160,7 @@ class AttendsAcross(torch.nn.Module):
         super().__init__()
         self.model, self.config = model, model.config
 
-    def forward(self, input_ids, position_ids=None, attention_mask=None):
+    def forward(self, input_ids, position_ids=None, attention_mask=None, **boundaries):
         return self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=torch.ones_like(input_ids))
 
 
@@ -163,7 +186,8 @@ def test_a_model_that_mixes_packed_examples_is_padded_instead(llama_dir):
                     "padding instead"] * 2
     assert choose_collate(collate_sft, False, model, 0, said.append).keywords["packed"] is False
     assert choose_collate(collate_sft, True, model, 0, said.append).keywords["packed"] is True
-    assert len(said) == 2
+    assert said[2:] == ["packing: each micro-batch is one row of its examples; attention: the model's own (sdpa), "
+                        "which reads the packing from the restarting positions"]
 
 
 def final_weights(run_dir):
@@ -206,18 +230,25 @@ def test_packing_trains_the_weights_padding_trains(command, llama_dir, tmp_path)
 
 
 def test_a_ref_model_that_mixes_packed_examples_is_refused(llama_dir, monkeypatch):
+    """Checked through the reference's own engine; padded runs need no check."""
     import dialogtrain.train.reference as reference
     from dialogtrain.errors import UserError
     from dialogtrain.options import RunOptions
-    from dialogtrain.train.model import load_model, load_tokenizer
+    from dialogtrain.train.distributed import distributed_world
+    from dialogtrain.train.model import load_tokenizer
+    from launcher.ds_config import build_ds_config
+    from tests.sft_harness import single_process_env
 
     tokenizer = load_tokenizer(str(llama_dir))
-    policy = load_model(str(llama_dir), tokenizer)
     options = RunOptions.from_flat("dpo", {"model": str(llama_dir), "ref_model": str(llama_dir), "data": "d",
-                                           "output": "o"})
-    monkeypatch.setattr(reference, "prepare_for_packing", lambda model: False)
+                                           "output": "o", "precision": "fp32"})
+    ds_config = build_ds_config(options, {}, device="cpu")
+    monkeypatch.setattr(reference, "packs_sequences", lambda engine: False)
     packed = functools.partial(collate_preferences, pad_id=0, packed=True)
-    with pytest.raises(UserError, match="--ref-model .*attend to each other, unlike --model; run with --no-packing"):
-        reference.load_reference_model(options, policy, tokenizer, packed)
     padded = functools.partial(collate_preferences, pad_id=0, packed=False)
-    assert not reference.load_reference_model(options, policy, tokenizer, padded).training
+    with single_process_env(), distributed_world() as world:
+        with pytest.raises(UserError, match="--ref-model .*attend to each other, unlike the policy; run with "
+                                            "--no-packing"):
+            reference.load_reference_engine(options, tokenizer, packed, ds_config, world)
+        engine = reference.load_reference_engine(options, tokenizer, padded, ds_config, world)
+        assert not engine.module.training and not any(p.requires_grad for p in engine.module.parameters())

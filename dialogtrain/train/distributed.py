@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
@@ -73,13 +74,14 @@ class World:
 
 
 @contextlib.contextmanager
-def distributed_world() -> Iterator[World]:
+def distributed_world(timeout_minutes: float = 30.0) -> Iterator[World]:
     """Join the process group torchrun describes (gloo on CPU, nccl on GPU) and always leave it.
 
     Destroying the group before exit matters: otherwise a rank aborts at interpreter shutdown.
     """
     import deepspeed
 
+    timeout = timedelta(minutes=timeout_minutes)  # a collective waits this long: rank 0 alone may export a 7B model
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     size = int(os.environ.get("WORLD_SIZE", 1))
@@ -94,6 +96,7 @@ def distributed_world() -> Iterator[World]:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
         backend = "nccl"
+        use_tensor_cores_for_fp32()
     else:
         device = torch.device("cpu")
         backend = "gloo"
@@ -102,8 +105,9 @@ def distributed_world() -> Iterator[World]:
             torch.set_num_threads(int(threads))
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
     if restart and size > 1:
-        dist.init_process_group(backend, store=restart_store(rank, size, restart), rank=rank, world_size=size)
-    deepspeed.init_distributed(dist_backend=backend)  # adopts the group above, if any
+        dist.init_process_group(backend, store=restart_store(rank, size, restart, timeout), rank=rank,
+                                world_size=size, timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts the group above, if any
     try:
         if os.environ.get(FAIL_RANK_ENV) == str(rank):
             raise RuntimeError(f"{FAIL_RANK_ENV}={rank}: rank {rank} fails on purpose")
@@ -116,16 +120,21 @@ def distributed_world() -> Iterator[World]:
             deepspeed.comm.destroy_process_group()
 
 
-def restart_store(rank: int, size: int, restart: int) -> dist.Store:
+def use_tensor_cores_for_fp32() -> None:
+    """On a GPU, fp32 matmuls run on TensorFloat-32 tensor cores (A100/H100: about 8x the fp32 rate, 10 bits
+    of mantissa in the products, fp32 accumulation), as the HF Trainer's --tf32 and most training code do.
+    Not on a CPU, where "high" would let oneDNN round fp32 matmuls through bf16."""
+    torch.set_float32_matmul_precision("high")
+
+
+def restart_store(rank: int, size: int, restart: int, timeout: timedelta) -> dist.Store:
     """The rendezvous store of a worker torchrun restarted (--max-restarts), namespaced by the attempt.
 
     torchrun keeps one TCPStore for all attempts (static and c10d rendezvous alike, pytorch#135712), so
     a restarted gloo/NCCL group would read the addresses the previous attempt's ranks published there
     and fail with "Connection refused". Every rank of a node restarts together, with the same count.
     """
-    from datetime import timedelta
-
     agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), size,
-                          is_master=not agent_hosts_it and rank == 0, timeout=timedelta(minutes=30))
+                          is_master=not agent_hosts_it and rank == 0, timeout=timeout)
     return dist.PrefixStore(f"dialogtrain/restart-{restart}", store)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 from dialogtrain.data.encode import IGNORE_INDEX
+from dialogtrain.loss_facts import PreferenceLoss
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,8 +52,25 @@ def learned_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Ten
     if logits.dim() != 2 or logits.size(0) != int(keep.sum()):
         raise ValueError(f"(N, V) logits at the {int(keep.sum())} learned positions of labels {tuple(labels.shape)} "
                          f"expected, got {tuple(logits.shape)}")
-    targets = labels[:, 1:][keep[:, :-1]]  # (N,), row-major like the logits
+    return target_logps(logits, labels[:, 1:][keep[:, :-1]])  # targets (N,), row-major like the logits
+
+
+def target_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(N,) log softmax(logits[i])[targets[i]] in fp32, by cross-entropy (a fused log-softmax + gather).
+
+    logits: (N, V) at the learned positions, any float dtype; targets: (N,) the tokens they predict
+    (collate.learned_index builds both orders alike).
+    """
+    if logits.dim() != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(f"(N, V) logits and (N,) targets expected, got {tuple(logits.shape)} and "
+                         f"{tuple(targets.shape)}")
     return -F.cross_entropy(logits.float(), targets, reduction="none")
+
+
+def per_sequence(values: torch.Tensor, owners: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """(S,) sums of `values` (N,) by their sequence `owners` (N,) in 0..S-1; no shape depends on the data,
+    so on a GPU nothing is read back."""
+    return torch.zeros(num_sequences, dtype=values.dtype, device=values.device).index_add(0, owners, values)
 
 
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor | None = None
@@ -62,7 +82,8 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, sequence_ids: tor
     sequence_ids: (B, T), the sequence each position belongs to (0..S-1; a packed row holds several,
     see collate.collate_packed); None: row b is sequence b.
     Returns (logps (S,), n_tokens (S,)), fp32 and int64.
-    The one log-prob primitive: SFT loss and evaluation, and DPO, all use it.
+    The one log-prob primitive, for any logits and labels; the training step reads the same through
+    target_logps and per_sequence from indices the collate built (train.forward.batch_sequence_logps).
     """
     keep = learned_positions(labels)
     if logits.dim() == 2:
@@ -74,22 +95,19 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, sequence_ids: tor
     else:
         count = int(sequence_ids.max()) + 1
     owners = sequence_ids[keep]  # (N,): a learned position predicts the next token of its own sequence
-    totals = torch.zeros(count, dtype=logps.dtype, device=logps.device).index_add(0, owners, logps)
-    return totals, torch.bincount(owners, minlength=count)
+    return per_sequence(logps, owners, count), torch.bincount(owners, minlength=count)
 
 
-def sft_loss(logits: torch.Tensor, labels: torch.Tensor, step_target_tokens: int) -> torch.Tensor:
+def sft_loss(logits: torch.Tensor, targets: torch.Tensor, step_target_tokens: int) -> torch.Tensor:
     """Summed next-token cross-entropy of this micro-batch over the target tokens of its whole step.
 
-        loss = -sum_{b,t} log p(labels[b, t+1] | prefix) / N_step
+        loss = -sum_i log p(targets[i] | prefix) / N_step
 
     N_step counts target tokens over every micro-batch and rank of the optimizer step, so summing
     the micro-batch losses gives the step's mean token loss however the step is split.
-    logits: (B, T, V) or (N, V) at learned_positions(labels), as sequence_logps; labels: (B, T);
-    returns a scalar.
+    logits: (N, V) at the learned positions; targets: (N,) (collate.learned_index); returns a scalar.
     """
-    logps, _ = sequence_logps(logits, labels)
-    return -logps.sum() / step_target_tokens
+    return -target_logps(logits, targets).sum() / step_target_tokens
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -176,9 +194,96 @@ def dpo_hinge_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, r
     return (losses, *dpo_rewards(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta))
 
 
-# The preference losses by --loss name: the one list of them (the launcher reads its keys from this source,
-# options.preference_loss_names, so that it need not import torch).
-PREFERENCE_LOSSES = {"sigmoid": dpo_sigmoid_loss, "ipo": dpo_ipo_loss, "hinge": dpo_hinge_loss}
+# ----------------------------------------------------------------------------------------------------
+# Reference-free pair losses (ORPO, SimPO): the policy alone, on mean token log-probs
+#   l_c = log pi(y_c|x) / n_c,  l_r = log pi(y_r|x) / n_r
+# from the same summed log-probs and token counts (B,) as the DPO losses. Each returns (losses (B,),
+# chosen_rewards (B,), rejected_rewards (B,), *metrics), everything but the losses detached.
+
+
+def mean_token_logps(logps: torch.Tensor, n_tokens: torch.Tensor) -> torch.Tensor:
+    """(B,) summed completion log-probs over their token counts (at least 1)."""
+    return logps / n_tokens.clamp(min=1)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x <= 0, without cancellation (Maechler 2012): log(-expm1(x)) above -ln 2,
+    log1p(-exp(x)) below. At x = 0 (a completion of probability 1) it is -inf."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, chosen_tokens: torch.Tensor,
+              rejected_tokens: torch.Tensor, orpo_lambda: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ORPO (Hong et al. 2024, eqs. 4-7): the chosen completion's NLL plus lambda x the log odds-ratio term,
+
+        log_odds = (l_c - l_r) - (log(1 - e^l_c) - log(1 - e^l_r))     log odds(y_c|x) - log odds(y_r|x)
+        loss     = -l_c - lambda * log sigmoid(log_odds)
+
+    Returns (losses, chosen_rewards = lambda * l_c, rejected_rewards = lambda * l_r, nll_loss = -l_c,
+    log_odds_ratio = log sigmoid(log_odds), log_odds_chosen = log_odds), all (B,); the metrics are TRL's.
+    """
+    chosen, rejected = mean_token_logps(policy_chosen, chosen_tokens), mean_token_logps(policy_rejected, rejected_tokens)
+    log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+    ratio = F.logsigmoid(log_odds)
+    losses = -chosen - orpo_lambda * ratio
+    return (losses, (orpo_lambda * chosen).detach(), (orpo_lambda * rejected).detach(), -chosen.detach(),
+            ratio.detach(), log_odds.detach())
+
+
+def simpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, chosen_tokens: torch.Tensor,
+               rejected_tokens: torch.Tensor, beta: float, simpo_gamma: float
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SimPO (Meng et al. 2024, eq. 6): a length-normalised reward beta * l and a target margin gamma,
+
+        loss = -log sigmoid(beta * l_c - beta * l_r - gamma)
+
+    Returns (losses, chosen_rewards = beta * l_c, rejected_rewards = beta * l_r), all (B,).
+    """
+    chosen, rejected = mean_token_logps(policy_chosen, chosen_tokens), mean_token_logps(policy_rejected, rejected_tokens)
+    losses = -F.logsigmoid(beta * (chosen - rejected) - simpo_gamma)
+    return losses, (beta * chosen).detach(), (beta * rejected).detach()
+
+
+# ----------------------------------------------------------------------------------------------------
+# KTO: unpaired completions, each desirable (thumbs up) or not, against a reference point z0.
+
+
+def kto_kl(policy_kl: torch.Tensor, ref_kl: torch.Tensor) -> torch.Tensor:
+    """KTO's reference point z0 = max(0, mean(log pi(y'|x) - log ref(y'|x))), detached, a scalar: the KL of
+    policy and reference estimated on (B,) summed log-probs of mismatched pairs (x, y') of one batch."""
+    return (policy_kl - ref_kl).mean().clamp(min=0).detach()
+
+
+def kto_loss(policy_logps: torch.Tensor, ref_logps: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor | float,
+             beta: float, kto_desirable_weight: float = 1.0, kto_undesirable_weight: float = 1.0
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO (Ethayarajh et al. 2024, eq. 7) with the log-ratio r = log pi(y|x) - log ref(y|x):
+
+        desirable:    w_D * (1 - sigmoid(beta * (r - z0)))
+        undesirable:  w_U * (1 - sigmoid(beta * (z0 - r)))
+
+    policy_logps, ref_logps: (B,) summed completion log-probs; desirable: (B,) bool; kl: z0 (kto_kl), a
+    detached scalar. Returns (losses (B,), rewards (B,) = beta * r, detached).
+    """
+    ratio = policy_logps - ref_logps
+    losses = torch.where(desirable, kto_desirable_weight * (1 - torch.sigmoid(beta * (ratio - kl))),
+                         kto_undesirable_weight * (1 - torch.sigmoid(beta * (kl - ratio))))
+    return losses, (beta * ratio).detach()
+
+
+# The preference losses by --loss name, the one list of them, with what each reads (loss_facts.PreferenceLoss;
+# the launcher reads this literal from the source, loss_facts.preference_losses, so that it need not import torch).
+PREFERENCE_LOSSES = {
+    "sigmoid": PreferenceLoss(dpo_sigmoid_loss, reference=True, paired=True, options=("beta", "label_smoothing")),
+    "ipo": PreferenceLoss(dpo_ipo_loss, reference=True, paired=True, options=("beta",)),
+    "hinge": PreferenceLoss(dpo_hinge_loss, reference=True, paired=True, options=("beta",)),
+    "orpo": PreferenceLoss(orpo_loss, reference=False, paired=True, options=("orpo_lambda",),
+                           metrics=("nll_loss", "log_odds_ratio", "log_odds_chosen")),
+    "simpo": PreferenceLoss(simpo_loss, reference=False, paired=True, options=("beta", "simpo_gamma")),
+    "kto": PreferenceLoss(kto_loss, reference=True, paired=False,
+                          options=("beta", "kto_desirable_weight", "kto_undesirable_weight")),
+}
 
 
 def chosen_nll(policy_chosen: torch.Tensor, chosen_tokens: torch.Tensor) -> torch.Tensor:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from dialogtrain.errors import UserError, first_line
+
+# bench/: load the whole model on every rank before ZeRO-3 partitions it (the way before zero.Init), to
+# measure what partitioned loading saves
+WHOLE_LOAD_ENV = "DIALOGTRAIN_WHOLE_LOAD"
 
 
 def resolve_model_path(model: str) -> str:
@@ -38,20 +44,47 @@ def load_tokenizer(model: str, trust_remote_code: bool = False, chat_template: s
     return set_chat_template(prepare_tokenizer(tokenizer), chat_template)
 
 
-def load_model(model: str, tokenizer, trust_remote_code: bool = False):
-    """The causal LM `model` names (load_tokenizer gave `tokenizer`), weights in fp32 (DeepSpeed casts for
-    bf16/fp16), KV cache off for training, pad token id set from the tokenizer when the config has none."""
+def load_model(model: str, tokenizer, trust_remote_code: bool = False, quantization: dict | None = None,
+               ds_config: dict | None = None, dtype: str = "float32"):
+    """The causal LM `model` names (load_tokenizer gave `tokenizer`), its weights in `dtype` (the dtype it
+    trains in: fp32, bf16 for --precision pure-bf16), KV cache off for training, pad token id set from the
+    tokenizer when the config has none. `quantization`: from_pretrained arguments that quantize the weights
+    as they load (train.lora, QLoRA). `ds_config` at ZeRO-3: the weights are partitioned across the ranks
+    as they load (DeepSpeed's zero.Init), so no rank ever holds the whole model in host memory."""
     from transformers import AutoModelForCausalLM
 
+    path = resolve_model_path(model)
     try:
-        lm = AutoModelForCausalLM.from_pretrained(resolve_model_path(model), dtype="float32",
-                                                  trust_remote_code=trust_remote_code)
+        with partitioned_loading(path, ds_config if not quantization else None, trust_remote_code):
+            lm = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                      **(quantization or {}))
     except OSError as err:
         raise UserError(f"could not load the model {model!r}: {first_line(err)}") from None
     lm.config.use_cache = False
     if lm.config.pad_token_id is None:
         lm.config.pad_token_id = tokenizer.pad_token_id
     return lm
+
+
+@contextlib.contextmanager
+def partitioned_loading(path: str, ds_config: dict | None, trust_remote_code: bool) -> Iterator[None]:
+    """Inside, from_pretrained loads under DeepSpeed's zero.Init when `ds_config` is at ZeRO-3: transformers
+    does so while an HfDeepSpeedConfig of it is alive (its "auto" sizes resolved from the model's hidden size)."""
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3 \
+            or os.environ.get(WHOLE_LOAD_ENV) == "1":
+        yield
+        return
+    from transformers import AutoConfig
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from dialogtrain.train.engine import resolve_auto_sizes
+
+    hidden = getattr(AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code), "hidden_size", None)
+    keep_alive = HfDeepSpeedConfig(resolve_auto_sizes(ds_config, hidden))  # transformers holds a weak reference
+    try:
+        yield
+    finally:
+        del keep_alive
 
 
 def recompute_activations(model) -> None:

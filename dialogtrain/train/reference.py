@@ -3,6 +3,9 @@
 The reference is a frozen copy of the starting policy (or --ref-model) under its own DeepSpeed
 engine, or, with --precompute-ref, a table of its log-probs computed once before training, cached
 in RUN/ref_logps.pt and reused while it matches; then no reference model exists during training.
+With LoRA (--lora-r) and no --ref-model, the live reference is the policy itself with its adapters
+disabled: the model training started from, with no second copy. A reference-free --loss (ORPO,
+SimPO) has none at all.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dialogtrain.data.collate import Collate
 from dialogtrain.data.sampling import eval_micro_batches_of_rank
 from dialogtrain.errors import UserError
 from dialogtrain.options import RunOptions
-from dialogtrain.train.attention import prepare_for_packing
+from dialogtrain.train.attention import attend_packed, packs_sequences
 from dialogtrain.train.distributed import World
 from dialogtrain.train.engine import hidden_size, resolve_auto_sizes
 from dialogtrain.train.forward import batch_sequence_logps
@@ -37,9 +40,24 @@ class LiveReference:
         self.engine = engine
 
     @torch.no_grad()
-    def logps(self, indices: list[int], batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(2B,) summed completion log-probs of the batch's rows (chosen, then rejected), fp32."""
+    def logps(self, indices: list[int], batch: dict[str, torch.Tensor], policy=None) -> torch.Tensor:
+        """(2B,) summed completion log-probs of the batch's rows (chosen, then rejected), fp32. Every
+        reference takes the policy's engine (`policy`); only AdapterOffReference reads it."""
         return batch_sequence_logps(self.engine, batch)[0]
+
+
+class AdapterOffReference:
+    """The LoRA policy with its adapters (and modules to save) disabled, PEFT's disable_adapter: the model
+    training started from, run by the policy's own engine. No second model, no copy of the weights."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model  # the PeftModel the policy's engine wraps
+
+    @torch.no_grad()
+    def logps(self, indices: list[int], batch: dict[str, torch.Tensor], policy=None) -> torch.Tensor:
+        """(2B,) as LiveReference's, from `policy` (the engine) with the adapters off for this forward."""
+        with self.model.disable_adapter():
+            return batch_sequence_logps(policy, batch)[0]
 
 
 class CachedReference:
@@ -48,25 +66,41 @@ class CachedReference:
     def __init__(self, table: torch.Tensor):
         self.table = table  # (N, 2): chosen, rejected; fp32 on CPU
 
-    def logps(self, indices: list[int], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def logps(self, indices: list[int], batch: dict[str, torch.Tensor], policy=None) -> torch.Tensor:
         rows = self.table[indices]  # (B, 2)
         return torch.cat([rows[:, 0], rows[:, 1]]).to(batch["input_ids"].device)  # (2B,) chosen, then rejected
 
 
-Reference = LiveReference | CachedReference
+class NoReference:
+    """A reference-free --loss (ORPO, SimPO): no reference model is loaded and no log-probs computed."""
+
+    def logps(self, indices: list[int], batch: dict[str, torch.Tensor], policy=None) -> None:
+        return None
+
+
+Reference = LiveReference | AdapterOffReference | CachedReference | NoReference
 
 
 def setup_reference(run: Run) -> tuple[Reference, Reference]:
-    """(train reference, eval reference). Call before the policy's engine exists (ZeRO-3 partitions it).
+    """(train reference, eval reference), made once the policy's engine exists.
 
+    A --loss that reads no reference (PREFERENCE_LOSSES' facts): NoReference, nothing loaded.
     --precompute-ref: the cached table when RUN/ref_logps.pt matches on every rank, else one pass of
     the reference over train + eval pairs (each rank its share), saved by rank 0; the reference
     model and its engine are released before returning, so training holds the policy only.
     """
+    from dialogtrain.train.losses import PREFERENCE_LOSSES
+
     options, world = run.options, run.world
+    if not PREFERENCE_LOSSES[options.dpo.loss].reference:
+        world.print(f"reference: none, --loss {options.dpo.loss} scores the policy alone")
+        return NoReference(), NoReference()
+    if options.lora.enabled and not options.dpo.ref_model and not options.dpo.precompute_ref:
+        world.print("reference: the policy with its LoRA adapters disabled (no second model)")
+        reference = AdapterOffReference(run.model)
+        return reference, reference
     if not options.dpo.precompute_ref:
-        reference = LiveReference(build_reference_engine(
-            load_reference_model(options, run.model, run.tokenizer, run.collate), run.ds_config))
+        reference = LiveReference(load_reference_engine(options, run.tokenizer, run.collate, run.ds_config, world))
         world.print(f"reference: {options.dpo.ref_model or 'a frozen copy of --model'}, ZeRO stage "
                     f"{reference.engine.zero_optimization_stage()}, kept for the whole run")
         return reference, reference
@@ -79,8 +113,7 @@ def setup_reference(run: Run) -> tuple[Reference, Reference]:
     if found_everywhere:
         world.print(f"reference log-probs: reusing {cache}")
     else:
-        engine = build_reference_engine(load_reference_model(options, run.model, run.tokenizer, run.collate),
-                                        run.ds_config)
+        engine = load_reference_engine(options, run.tokenizer, run.collate, run.ds_config, world)
         started = time.perf_counter()
         table = precompute_reference_logps(LiveReference(engine), examples, options, world, run.collate)
         if world.is_main:
@@ -89,7 +122,7 @@ def setup_reference(run: Run) -> tuple[Reference, Reference]:
             tmp.replace(cache)
         world.barrier()
         world.print(f"reference log-probs of {len(examples)} pairs computed in "
-                    f"{time.perf_counter() - started:.1f}s, cached in {cache}")
+                    f"{time.perf_counter() - started:.3f}s, cached in {cache}")
         engine.destroy()
         del engine
         gc.collect()
@@ -97,28 +130,42 @@ def setup_reference(run: Run) -> tuple[Reference, Reference]:
     return CachedReference(table[:train_size]), CachedReference(table[train_size:])
 
 
-def load_reference_model(options: RunOptions, policy: torch.nn.Module, tokenizer, collate: Collate
-                         ) -> torch.nn.Module:
-    """--ref-model, or a copy of the starting policy; eval mode, no gradients.
+def load_reference_engine(options: RunOptions, tokenizer, collate: Collate, ds_config: dict, world: World):
+    """The frozen reference under its own DeepSpeed engine (eval mode, no gradients): --ref-model, or
+    --model loaded again from its files (the policy's starting point, whatever the policy has become, and
+    never a copy of the policy in memory: each rank reads the weights, under ZeRO-3 partitioned as they
+    load; a QLoRA base is quantized as the policy's is).
 
     A --ref-model must share the policy's tokenizer: both score the same token ids; and, when the
-    policy's batches are packed, keep packed examples apart too: both score the same batches.
+    policy's batches are packed, keep packed examples apart too (checked through its engine): both
+    score the same batches.
     """
-    ref_model = options.dpo.ref_model
-    if ref_model:
-        ref_tokenizer = load_tokenizer(ref_model, options.model.trust_remote_code)
+    from dialogtrain.train.lora import quantization_args
+
+    name = options.dpo.ref_model or options.model.model
+    ref_tokenizer = tokenizer
+    if options.dpo.ref_model:
+        ref_tokenizer = load_tokenizer(name, options.model.trust_remote_code)
         if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise UserError(f"--ref-model {ref_model}: its tokenizer differs from --model's "
+            raise UserError(f"--ref-model {name}: its tokenizer differs from --model's "
                             f"{options.model.model}; both models must score the same token ids")
-        reference = load_model(ref_model, ref_tokenizer, options.model.trust_remote_code)
-        if collate.keywords["packed"] and not prepare_for_packing(reference):
-            raise UserError(f"--ref-model {ref_model}: it lets examples packed into one row attend "
-                            f"to each other, unlike --model; run with --no-packing")
-    else:
-        reference = copy.deepcopy(policy)
+    packed = collate.keywords["packed"]
+    reference = load_model(name, ref_tokenizer, options.model.trust_remote_code,
+                           quantization_args(options, world.device), ds_config=ds_config, dtype=compute_dtype(options))
+    if packed:
+        attend_packed(reference)
     reference.eval()
     reference.requires_grad_(False)
-    return reference
+    engine = build_reference_engine(reference, ds_config)
+    if packed and not packs_sequences(engine):
+        flag = "--ref-model" if options.dpo.ref_model else "--model"
+        raise UserError(f"{flag} {name}: it lets examples packed into one row attend to each other, unlike the "
+                        f"policy; run with --no-packing")
+    return engine
+
+
+def compute_dtype(options: RunOptions) -> torch.dtype:
+    return getattr(torch, options.optim.compute_dtype)
 
 
 def reference_ds_config(ds_config: dict) -> dict:
