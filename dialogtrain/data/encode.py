@@ -143,11 +143,18 @@ def render_preference(tokenizer, prompt: list[dict], chosen: str, rejected: str,
 
 def _fit_preference(tokenizer, prompt, chosen, rejected, max_length):
     """render_preference's work, telling apart a cut prompt and a cut completion (for EncodeStats)."""
+    sequences, _, prompt_cut, completion_cut = _fit_completions(tokenizer, prompt, (chosen, rejected), max_length)
+    return (*sequences, prompt_cut, completion_cut)
+
+
+def _fit_completions(tokenizer, prompt, texts, max_length):
+    """([ids, labels, ids, labels, ...] of prompt + each completion, prompt tokens kept, prompt_cut,
+    completion_cut): the completions share the prompt's kept ids, truncated as render_preference says."""
     if max_length <= MIN_PROMPT_TOKENS:
         raise ValueError(f"max_length {max_length} leaves no room for a response after "
                          f"{MIN_PROMPT_TOKENS} prompt tokens")
     prompt_ids = render_prompt(tokenizer, prompt)
-    completions = [_completion(tokenizer, prompt, prompt_ids, text) for text in (chosen, rejected)]
+    completions = [_completion(tokenizer, prompt, prompt_ids, text) for text in texts]
     longest = max(len(ids) for ids, _ in completions)
     n = len(prompt_ids)
     if n + longest <= max_length:
@@ -161,7 +168,7 @@ def _fit_preference(tokenizer, prompt, chosen, rejected, max_length):
     sequences = []
     for ids, labels in completions:
         sequences += [kept + ids[:keep_completion], [IGNORE_INDEX] * keep_prompt + labels[:keep_completion]]
-    return (*sequences, keep_prompt < n, keep_completion < longest)
+    return sequences, keep_prompt, keep_prompt < n, keep_completion < longest
 
 
 def _completion(tokenizer, prompt, prompt_ids, text) -> tuple[list[int], list[int]]:
@@ -188,6 +195,12 @@ class EncodeStats:
     history_truncated: int = 0     # conversations that lost their oldest turns (or prompt tokens)
     response_truncated: int = 0    # single responses cut at max_length
     skipped: int = 0               # no learnable token left
+
+    def kept(self, history_cut: bool, response_cut: bool) -> None:
+        """Count one encoded example and what truncation did to it."""
+        self.history_truncated += history_cut
+        self.response_truncated += response_cut
+        self.examples += 1
 
     def summary(self) -> str:
         """e.g. '120 examples; 3 lost their oldest turns, 1 response cut at max length, 0 skipped (nothing
@@ -218,9 +231,7 @@ def encode_conversations(tokenizer, conversations: list[list[dict]], max_length:
         if not _learns(labels):
             stats.skipped += 1
             continue
-        stats.history_truncated += history_cut
-        stats.response_truncated += response_cut
-        stats.examples += 1
+        stats.kept(history_cut, response_cut)
         examples.append({"input_ids": ids, "labels": labels})
     return examples, stats
 
@@ -238,11 +249,31 @@ def encode_preferences(tokenizer, preferences, max_length: int) -> tuple[list[di
         if not (_learns(chosen_labels) and _learns(rejected_labels)):
             stats.skipped += 1
             continue
-        stats.history_truncated += prompt_cut
-        stats.response_truncated += completion_cut
-        stats.examples += 1
+        stats.kept(prompt_cut, completion_cut)
         examples.append({"chosen_ids": chosen_ids, "chosen_labels": chosen_labels,
                          "rejected_ids": rejected_ids, "rejected_labels": rejected_labels})
+    return examples, stats
+
+
+def encode_ratings(tokenizer, ratings, max_length: int) -> tuple[list[dict], EncodeStats]:
+    """[{"input_ids", "labels", "prompt_length", "desirable"}] and the counts (KTO).
+
+    `ratings` are objects with .prompt (messages ending with user), .completion (str) and .desirable (bool);
+    each is its prompt's ids then the completion's, learned as in render_preference (and truncated as it
+    says); prompt_length counts the prompt's tokens, where the completion starts (for the KL rows that join
+    one example's prompt to another's completion, collate.mismatched_rows). A rating whose completion has
+    no learnable token is skipped.
+    """
+    stats, examples = EncodeStats(), []
+    for rating in ratings:
+        (ids, labels), prompt_length, prompt_cut, completion_cut = _fit_completions(
+            tokenizer, rating.prompt, (rating.completion,), max_length)
+        if not _learns(labels):
+            stats.skipped += 1
+            continue
+        stats.kept(prompt_cut, completion_cut)
+        examples.append({"input_ids": ids, "labels": labels, "prompt_length": prompt_length,
+                         "desirable": rating.desirable})
     return examples, stats
 
 

@@ -1,4 +1,4 @@
-"""The data formats: which one a file's rows are in, and how a row becomes a conversation or a pair."""
+"""The data formats: which one a file's rows are in, and how a row becomes a conversation, a pair or a rating."""
 
 from __future__ import annotations
 
@@ -11,10 +11,13 @@ from dialogtrain.data.rows import (
     BadRow,
     Conversation,
     Preference,
+    Rating,
     Turn,
     as_messages,
     check_not_empty,
+    checked_label,
     checked_preference,
+    checked_rating,
     checked_text,
     conversation_from_turns,
     message_turns,
@@ -116,11 +119,13 @@ def join_grouped_exchanges(parsed: list[tuple[str | None, Conversation]]) -> lis
 
 def detect_preference_format(row: dict) -> RowFormat | None:
     """The DPO format of a file, from its first row; None when no format fits."""
-    if "chosen" not in row and "rejected" not in row:
+    if "chosen" not in row and "rejected" not in row and "label" not in row:
         return None
     if "question" in row and "chosen" in row:
         return RowFormat("system/question/chosen/rejected", lambda r, notes: parse_orca_row(r))
     if "prompt" in row or isinstance(row.get("chosen"), list):
+        return RowFormat("prompt/chosen/rejected", parse_chosen_rejected_row)
+    if "label" in row:  # a rating (chat --feedback writes both): each such row is refused by name
         return RowFormat("prompt/chosen/rejected", parse_chosen_rejected_row)
     if "chosen" in row:
         return RowFormat("Human/Assistant transcripts", parse_hh_row)
@@ -141,6 +146,9 @@ def parse_orca_row(row: dict) -> Preference:
 def parse_chosen_rejected_row(row: dict, notes: collections.Counter) -> Preference:
     """`prompt` (string or messages, optional `system`) with `chosen`/`rejected` strings or one assistant
     message each; or `chosen`/`rejected` full message lists sharing every message before the last."""
+    if not present(row, "chosen") and present(row, "label"):
+        raise BadRow("chosen", "rating, not a pair", "this row rates one completion (label); "
+                                                       "`dialogtrain kto` trains on ratings")
     chosen = required(row, "chosen", "chosen")
     if not present(row, "prompt") and not isinstance(chosen, list):
         # Without a prompt, chosen and rejected must be whole conversations: blame chosen, not the prompt.
@@ -148,14 +156,18 @@ def parse_chosen_rejected_row(row: dict, notes: collections.Counter) -> Preferen
                                              f"got {json_type_name(chosen)}")
     if isinstance(chosen, list) and (not present(row, "prompt") or len(chosen) > 1):
         return shared_prefix_preference(row, notes)
+    return checked_preference(row_prompt(row, notes), completion_text(row, "chosen"), completion_text(row, "rejected"))
+
+
+def row_prompt(row: dict, notes: collections.Counter) -> list[dict]:
+    """`prompt` (a string or messages) with an optional `system` message in front, ending with a user turn."""
     turns = prompt_turns(row)
     system = optional_text(row, "system")
     if system.strip():
         if turns and turns[0].role == "system":
             raise BadRow("system", "roles out of order", "a system message in both 'system' and 'prompt'")
         turns.insert(0, Turn("system", system, "system"))
-    prompt = prompt_from_turns(turns, "prompt", notes)
-    return checked_preference(prompt, completion_text(row, "chosen"), completion_text(row, "rejected"))
+    return prompt_from_turns(turns, "prompt", notes)
 
 
 def prompt_turns(row: dict) -> list[Turn]:
@@ -220,7 +232,39 @@ def transcript_turns(transcript: str, field: str) -> list[Turn]:
 
 
 
+def detect_rating_format(row: dict) -> RowFormat | None:
+    """The KTO format of a file, from its first row: completions rated with `label`, preference pairs, or both
+    mixed (what `dialogtrain chat --feedback` writes); the kind is read from each row. None when no format fits."""
+    if "label" in row or "completion" in row or detect_preference_format(row) is not None:
+        return RowFormat("rated completions (prompt/completion/label) and pairs", parse_rating_row)
+    return None
+
+
+def parse_rating_row(row: dict, notes: collections.Counter) -> list[Rating]:
+    """One rated completion, or the two of a preference pair (chosen desirable, rejected undesirable).
+
+    A rating: `label` (true: desirable) and `prompt` (a string or messages, optional `system`) or `messages`
+    with `completion` (a string or one assistant message); or `messages` ending with the rated assistant turn.
+    """
+    if not present(row, "label") and (pair_format := detect_preference_format(row)) is not None:
+        pair = pair_format.parse(row, notes)
+        return [Rating(pair.prompt, pair.chosen, True), Rating(pair.prompt, pair.rejected, False)]
+    desirable = checked_label(required(row, "label", "label"), "label")
+    if present(row, "prompt"):
+        return [checked_rating(row_prompt(row, notes), completion_text(row, "completion"), desirable)]
+    turns = message_turns(required_list(row, "messages"), "messages")
+    if present(row, "completion"):
+        return [checked_rating(prompt_from_turns(turns, "messages", notes), completion_text(row, "completion"),
+                               desirable)]
+    if not turns or turns[-1].role != "assistant":
+        raise BadRow("messages", "no assistant turn", "without 'completion', the last message is the rated one")
+    return [checked_rating(prompt_from_turns(turns[:-1], "messages", notes), turns[-1].content, desirable,
+                           turns[-1].field)]
+
+
 FORMAT_HELP_CONVERSATIONS = ("pairs (" + ", ".join("/".join(pair) for pair in PAIR_COLUMNS)
                              + "), messages or conversations (a message list), or dialog (utterances)")
+FORMAT_HELP_RATINGS = ("prompt (or messages)/completion/label rows, messages ending with the rated reply plus "
+                       "label, or preference pairs")
 FORMAT_HELP_PREFERENCES = ("prompt/chosen/rejected, system/question/chosen/rejected, or chosen/rejected "
                            "(message lists or Human/Assistant transcripts)")

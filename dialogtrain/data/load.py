@@ -1,4 +1,4 @@
-"""Loading a data source into validated conversations or preference pairs, with a report of the load."""
+"""Loading a data source into validated conversations, preference pairs or ratings, with a report of the load."""
 
 from __future__ import annotations
 
@@ -9,18 +9,21 @@ from dataclasses import dataclass, field
 from dialogtrain.data.formats import (
     FORMAT_HELP_CONVERSATIONS,
     FORMAT_HELP_PREFERENCES,
+    FORMAT_HELP_RATINGS,
     RowFormat,
     detect_conversation_format,
     detect_preference_format,
+    detect_rating_format,
     join_grouped_exchanges,
 )
-from dialogtrain.data.rows import BadRow, Conversation, Preference
+from dialogtrain.data.rows import BadRow, Conversation, Preference, Rating
 from dialogtrain.data.sources import DataError, json_type_name, local_data_files, read_rows, row_location
 
 
 @dataclass
 class DataReport:
-    """What a load read, kept, dropped (reason -> count) and normalised (note -> count)."""
+    """What a load read, kept, dropped (reason -> count) and normalised (note -> count); the file each
+    example came from (`origins`, in example order), each file's detected format, the first bad rows."""
 
     source: str
     files: list[str]
@@ -30,6 +33,9 @@ class DataReport:
     notes: collections.Counter = field(default_factory=collections.Counter)
     unit: str = "conversation"
     from_hub: bool = False
+    origins: list[str] = field(default_factory=list)
+    formats: dict[str, str] = field(default_factory=dict)
+    bad_rows: list[str] = field(default_factory=list)  # the messages of the first MAX_BAD_ROWS dropped rows
 
     def summary(self) -> str:
         """One line, e.g. `data: 120 rows from 2 files -> 40 conversations; dropped 3 (2 empty
@@ -41,6 +47,9 @@ class DataReport:
         if self.notes:
             line += f"; notes: {count_list(self.notes)}"
         return line
+
+
+MAX_BAD_ROWS = 5
 
 
 def plural(count: int, noun: str) -> str:
@@ -58,7 +67,19 @@ def load_conversations(source: str, skip_bad_rows: bool = False) -> tuple[list[C
     parsed, report = parse_rows(source, skip_bad_rows, detect_conversation_format, "conversation")
     conversations = join_grouped_exchanges(parsed)
     report.examples = len(conversations)
+    report.origins = joined_origins(parsed, report.origins)
     return conversations, report
+
+
+def joined_origins(parsed: list[tuple[str | None, object]], files: list[str]) -> list[str]:
+    """The file of each conversation join_grouped_exchanges makes from `parsed` (rows read from `files`):
+    that of its first row."""
+    seen, origins = set(), []
+    for (group, _), file in zip(parsed, files, strict=True):
+        if group is None or group not in seen:
+            origins.append(file)
+            seen.add(group)
+    return origins
 
 
 def load_preferences(source: str, skip_bad_rows: bool = False) -> tuple[list[Preference], DataReport]:
@@ -68,6 +89,17 @@ def load_preferences(source: str, skip_bad_rows: bool = False) -> tuple[list[Pre
     parsed, report = parse_rows(source, skip_bad_rows, detect_preference_format, "preference pair")
     report.examples = len(parsed)
     return [preference for _, preference in parsed], report
+
+
+def load_ratings(source: str, skip_bad_rows: bool = False) -> tuple[list[Rating], DataReport]:
+    """Every rated completion in `source` (KTO): prompt (or messages)/completion/label rows, and preference
+    pairs, each giving its chosen (desirable) and rejected (undesirable) completion; a file may mix both."""
+    parsed, report = parse_rows(source, skip_bad_rows, detect_rating_format, "rated completion")
+    ratings = [(rating, file) for (_, row_ratings), file in zip(parsed, report.origins or [None] * len(parsed),
+                                                                strict=True) for rating in row_ratings]
+    report.examples = len(ratings)
+    report.origins = [file for _, file in ratings] if report.origins else []
+    return [rating for rating, _ in ratings], report
 
 
 def parse_rows(source: str, skip_bad_rows: bool, detect: Callable[[dict], RowFormat | None],
@@ -91,9 +123,13 @@ def parse_rows(source: str, skip_bad_rows: bool, detect: Callable[[dict], RowFor
             if not skip_bad_rows:
                 raise DataError(bad.message(file, n)) from None
             report.dropped[bad.reason] += 1
+            if len(report.bad_rows) < MAX_BAD_ROWS:
+                report.bad_rows.append(bad.message(file, n))
             continue
         report.notes.update(notes)
         parsed.append((formats[file].group(row), example))
+        report.origins.append(file)
+    report.formats = {file: found.name for file, found in formats.items()}
     if not parsed:
         raise DataError(f"{source}: no usable rows ({plural(report.rows, 'row')} read, all dropped: "
                         f"{count_list(report.dropped)})")
@@ -112,7 +148,8 @@ def file_format(detect: Callable[[dict], RowFormat | None], row: dict, file: str
     found = detect(row)
     if found is None:
         fields = ", ".join(repr(key) for key in row) or "none"
-        expected = (FORMAT_HELP_CONVERSATIONS if unit == "conversation" else FORMAT_HELP_PREFERENCES)
+        expected = {"conversation": FORMAT_HELP_CONVERSATIONS, "rated completion": FORMAT_HELP_RATINGS}.get(
+            unit, FORMAT_HELP_PREFERENCES)
         raise DataError(f"{row_location(file, n)}: cannot tell the data format from the fields ({fields}); "
                         f"expected {expected}")
     return found

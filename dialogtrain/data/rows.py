@@ -36,6 +36,16 @@ class Preference:
     rejected: str
 
 
+@dataclass(frozen=True)
+class Rating:
+    """One KTO example: a `prompt` as a Preference's and one assistant `completion`, desirable (a thumbs up)
+    or not (a thumbs down)."""
+
+    prompt: list[Message]
+    completion: str
+    desirable: bool
+
+
 class BadRow(Exception):
     """One row cannot be used: `reason` is the stable name counted in `DataReport.dropped`."""
 
@@ -161,6 +171,25 @@ def prompt_from_turns(turns: list[Turn], field: str, notes: collections.Counter)
     return as_messages(turns)
 
 
+
+
+LABEL_WORDS = {"true": True, "false": False}  # CSV cells are text: `label` may read true or false there
+
+
+def checked_label(value: object, field: str) -> bool:
+    """A rating's label: a JSON boolean, or the word true or false (any case)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in LABEL_WORDS:
+        return LABEL_WORDS[value.strip().lower()]
+    raise BadRow(field, "wrong type", f"expected true or false, got {json_type_name(value)} {value!r}"
+                 if isinstance(value, (str, int, float)) else f"expected true or false, got {json_type_name(value)}")
+
+
+def checked_rating(prompt: list[Message], completion: str, desirable: bool, field: str = "completion") -> Rating:
+    if not completion.strip():
+        raise BadRow(field, "empty completion")
+    return Rating(prompt=prompt, completion=completion, desirable=desirable)
 
 
 def checked_preference(prompt: list[Message], chosen: str, rejected: str) -> Preference:
