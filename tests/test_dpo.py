@@ -3,6 +3,7 @@ orca-schema data, and (through the CLI) two processes under ZeRO-3."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
@@ -147,7 +148,8 @@ def test_a_nan_loss_stops_the_run_with_a_training_error(llama_dir, tmp_path, mon
         losses, chosen, rejected = dpo_sigmoid_loss(*args, **kwargs)
         return losses * float("nan"), chosen, rejected
 
-    monkeypatch.setitem(dpo.PREFERENCE_LOSSES, "sigmoid", nan_loss)
+    monkeypatch.setitem(dpo.PREFERENCE_LOSSES, "sigmoid",
+                        dataclasses.replace(dpo.PREFERENCE_LOSSES["sigmoid"], function=nan_loss))
     data = write_preferences_jsonl(tmp_path / "prefs.jsonl", QUESTIONS[:4])
     run_json = write_run_dir(tmp_path / "run", command="dpo", model=str(llama_dir), data=str(data), micro_batch=4,
                              max_steps=2, precision="fp32", gpus="cpu")
@@ -244,7 +246,7 @@ def test_precomputed_reference_gives_the_live_losses_and_holds_no_second_model(l
     def no_reference(*args, **kwargs):
         raise AssertionError("the reference model was loaded although the cache matches")
 
-    monkeypatch.setattr(reference, "load_reference_model", no_reference)
+    monkeypatch.setattr(reference, "load_reference_engine", no_reference)
     again = tmp_path / "again"
     run_json = write_run_dir(again, command="dpo", model=str(llama_dir), data=str(data), eval_data=str(held_out),
                              micro_batch=2, grad_accum=2, lr=1e-2, max_steps=4, eval_every=2,
@@ -269,7 +271,7 @@ def test_orca_schema_trains_through_the_worker(gpt2_dir, tmp_path):
     data = write_orca_jsonl(tmp_path / "orca.jsonl")
     run_dir = tmp_path / "run"
     run_json = write_run_dir(run_dir, command="dpo", model=str(gpt2_dir), data=str(data), eval_data=str(data),
-                             micro_batch=2, grad_accum=1, epochs=1, lr=1e-2, precision="fp32", gpus="cpu")
+                             keep_overlap=True, micro_batch=2, grad_accum=1, epochs=1, lr=1e-2, precision="fp32", gpus="cpu")
     train_in_process(run_json, "dpo")
     steps = step_records(run_dir)
     assert [r["step"] for r in steps] == list(range(1, len(QUESTIONS) // 2 + 1))
@@ -393,7 +395,7 @@ def test_reference_config_is_the_policys_without_training_parts(zero, offload, p
 
     options = RunOptions.from_flat("dpo", {"model": "m", "data": "d", "output": "o", "zero": zero, "offload": offload,
                                            "precision": precision, "micro_batch": 2, "grad_accum": 3}, world_size=2)
-    policy = {**build_ds_config(options, load_template(options)), "scheduler": {"type": "WarmupLR"}}
+    policy = {**build_ds_config(options, load_template(options), device="cuda"), "scheduler": {"type": "WarmupLR"}}
     reference = reference_ds_config(policy)
     assert not {"optimizer", "scheduler", "gradient_clipping"} & set(reference)
     assert reference["fp16"] == policy["fp16"] and reference["bf16"] == policy["bf16"]
