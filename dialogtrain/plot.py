@@ -1,8 +1,9 @@
 """`dialogtrain plot RUN [RUN...]`: the curves of one or more runs' metrics.jsonl in one PNG.
 
 Panels, each drawn only when some run has the metric: training loss, held-out loss (eval_loss),
-DPO rewards (chosen / rejected, and the held-out reward accuracy), and throughput (tokens_per_s,
-mfu). Every run is one colour across the panels, labelled with its folder name.
+held-out loss by data source (eval_loss/NAME, one line style per source), DPO rewards (chosen /
+rejected, and the held-out reward accuracy), and throughput (tokens_per_s, mfu). Every run is one
+colour across the panels, labelled with its folder name.
 """
 
 from __future__ import annotations
@@ -21,7 +22,21 @@ PANELS = [
     ("tokens/s", [("tokens_per_s", "")]),
     ("MFU", [("mfu", "")]),
 ]
-STYLES = ["-", "--", ":"]
+STYLES = ["-", "--", ":", "-."]
+SOURCE_PANEL = ("held-out loss by source", "eval_loss/")  # after the held-out loss; a line per source found
+
+
+def panels_of(data: dict[str, list[dict]]) -> list[tuple[str, list[tuple[str, str]]]]:
+    """The panels the runs have a metric of: PANELS, and the per-source panel when some run has eval_loss/NAME
+    (its series: each source name, sorted, labelled " NAME")."""
+    found = {name for records in data.values() for record in records for name in record}
+    panels = [(title, series) for title, series in PANELS if any(name in found for name, _ in series)]
+    title, prefix = SOURCE_PANEL
+    sources = sorted(name for name in found if name.startswith(prefix))
+    if sources:
+        at = next((k + 1 for k, (t, _) in enumerate(panels) if t == "held-out loss"), len(panels))
+        panels.insert(at, (title, [(name, " " + name.removeprefix(prefix)) for name in sources]))
+    return panels
 
 
 def read_runs(runs: list[str | Path]) -> dict[str, list[dict]]:
@@ -52,15 +67,15 @@ def plot_runs(runs: list[str | Path], output: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
     data = read_runs(runs)
-    panels = [(title, series) for title, series in PANELS
-              if any(name in record for records in data.values() for record in records for name, _ in series)]
+    panels = panels_of(data)
     columns = 2 if len(panels) > 1 else 1
     rows = -(-len(panels) // columns)
     fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 3.6 * rows), squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, (title, series) in zip(axes.flat, panels):
         for k, (label, records) in enumerate(data.items()):
-            for style, (name, suffix) in zip(STYLES, series):
+            for k_series, (name, suffix) in enumerate(series):
+                style = STYLES[k_series % len(STYLES)]
                 points = [(r["step"], r[name]) for r in records if isinstance(r.get(name), (int, float))]
                 if points:
                     steps, values = zip(*points)
