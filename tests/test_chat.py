@@ -19,26 +19,23 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import dialogtrain.chat as chat_module
-from dialogtrain.chat import (
-    Bot,
+import dialogtrain.chat.generate as generate_module
+import dialogtrain.chat.session as session_module
+from dialogtrain.chat.generate import (
     Sampling,
-    chat_session,
+    TokenStreamer,
     generate_ids,
     generate_reply,
     load_chat_model,
-    piped_session,
     printable,
     resolve_device,
     resolve_dtype,
-    run_chat,
-    run_command,
     stream_reply,
-    token_streamer,
     trim_history,
 )
+from dialogtrain.chat.session import Bot, chat_session, piped_session, run_chat, run_command
+from dialogtrain.data.encode import render_prompt
 from dialogtrain.errors import UserError
-from dialogtrain.formatting import render_prompt
 from launcher.cli import cli
 
 HISTORY = [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi how are you"},
@@ -111,13 +108,14 @@ def test_streamed_reply_equals_plain_reply(llama):
 
 
 def streamed_chunks(tokenizer, ids: list[int]) -> list[str]:
-    """What `token_streamer` yields when `ids` arrive one at a time after a one-token prompt."""
-    streamer = token_streamer(tokenizer)
+    """What `TokenStreamer` shows when `ids` arrive one at a time after a one-token prompt."""
+    shown = []
+    streamer = TokenStreamer(tokenizer, shown.append)
     streamer.put(torch.tensor([[0]]))  # the prompt, skipped
     for i in ids:
         streamer.put(torch.tensor([i]))
     streamer.end()
-    return [chunk for chunk in streamer if chunk]
+    return [chunk for chunk in shown if chunk]
 
 
 def test_streamer_yields_text_after_every_token(llama_tokenizer):
@@ -349,7 +347,7 @@ def test_ctrl_c_while_loading_leaves_quietly_with_130(monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(chat_module, "load_bots", interrupted)
+    monkeypatch.setattr(session_module, "load_bots", interrupted)
     assert run_chat("CKPT") == 130
     assert capsys.readouterr() == ("", "\n")
 
@@ -413,14 +411,31 @@ def test_bad_device_is_a_user_error():
 
 
 def test_auto_dtype_is_bf16_where_the_cpu_computes_it(monkeypatch, capsys):
-    monkeypatch.setattr(chat_module, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(generate_module, "cpu_has_native_bf16", lambda: True)
     assert resolve_dtype("auto", "cpu") == torch.bfloat16
     assert resolve_dtype("bf16", "cpu") == torch.bfloat16 and capsys.readouterr().err == ""
-    monkeypatch.setattr(chat_module, "cpu_has_native_bf16", lambda: False)
+    monkeypatch.setattr(generate_module, "cpu_has_native_bf16", lambda: False)
     assert resolve_dtype("auto", "cpu") == torch.float32
     assert resolve_dtype("fp16", "cpu") == torch.float16 and capsys.readouterr().err == ""
     assert resolve_dtype("bf16", "cpu") == torch.bfloat16
     assert "bf16 is emulated and far slower than fp32" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("capability, auto, bf16_ok", [((9, 0), torch.bfloat16, True), ((8, 0), torch.bfloat16, True),
+                                                    ((7, 5), torch.float16, False), ((7, 0), torch.float16, False)])
+def test_dtype_on_a_gpu_follows_its_compute_capability(monkeypatch, capability, auto, bf16_ok):
+    """V100/T4 (7.x) emulate bf16, and torch.cuda.is_bf16_supported() still says yes: the capability decides."""
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: asked.append(device) or capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert resolve_dtype("auto", "cuda:1") == auto and asked == ["cuda:1"]
+    assert resolve_dtype("fp16", "cuda") == torch.float16 and resolve_dtype("fp32", "cuda") == torch.float32
+    if bf16_ok:
+        assert resolve_dtype("bf16", "cuda") == torch.bfloat16
+    else:
+        with pytest.raises(UserError, match=rf"--dtype bf16: this GPU \(compute capability {capability[0]}\.{capability[1]}\) "
+                                            r"has no bf16 tensor cores"):
+            resolve_dtype("bf16", "cuda")
 
 
 def test_bf16_chat_on_cpu_equals_bf16_generate(llama_dir):
@@ -489,14 +504,14 @@ def test_cli_prompt_prints_the_reply_only(llama_dir, llama):
 
 def test_cli_passes_every_option_and_trusts_no_code_by_default(monkeypatch):
     calls = []
-    monkeypatch.setattr(chat_module, "run_chat", lambda checkpoint, **options: calls.append(options) or 0)
+    monkeypatch.setattr(session_module, "run_chat", lambda checkpoint, **options: calls.append(options) or 0)
     assert invoke("CKPT").exit_code == 0
     assert calls[0]["trust_remote_code"] is False and calls[0]["dtype"] == "auto" and calls[0]["device"] == "auto"
     args = ["--max-new-tokens", "7", "--temperature", "0.5", "--top-p", "0.8", "--top-k", "3",
             "--repetition-penalty", "1.2", "--greedy", "--seed", "5", "--system", "be brief", "--device", "cpu",
-            "--dtype", "bf16", "--prompt", "hi", "--compare", "OTHER", "--trust-remote-code"]
+            "--dtype", "bf16", "--prompt", "hi", "--compare", "OTHER", "--trust-remote-code", "--feedback", "F.jsonl", "--adapter", "ADAPTER"]
     assert invoke("CKPT", *args).exit_code == 0
     assert calls[1] == dict(max_new_tokens=7, temperature=0.5, top_p=0.8, top_k=3, repetition_penalty=1.2,
                             greedy=True, seed=5, system="be brief", device="cpu", dtype="bf16", prompt="hi",
-                            compare="OTHER", trust_remote_code=True)
+                            compare="OTHER", trust_remote_code=True, feedback="F.jsonl", adapter="ADAPTER")
 

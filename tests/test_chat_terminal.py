@@ -4,7 +4,8 @@ stdin and stdout as pipes (replies only on stdout, one line per message).
 
 The terminal child slows every forward pass of the tiny Llama by SLOW_TOKEN_S, so that a reply takes
 visibly long: the test sees its first token long before its end (streaming) and has time to press
-Ctrl-C in the middle of one.
+Ctrl-C in the middle of one. A second child also idles after drawing each prompt, to press Ctrl-C at
+the moment readline used to lose it, over and over.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from dialogtrain.chat import load_chat_model, printable
-from dialogtrain.formatting import render_prompt
+from dialogtrain.chat.generate import load_chat_model, printable
+from dialogtrain.data.encode import render_prompt
 
 REPO = Path(__file__).resolve().parent.parent
 MAX_NEW_TOKENS = 40
@@ -38,9 +39,30 @@ main()
 """
 
 
+# Prepended to SLOW_CHAT: after drawing each prompt, readline idles PROMPT_IDLE_US in C (running no Python,
+# so no signal handler either) before it waits for a key. That is the moment, between prompt and wait,
+# where a Ctrl-C only marked Python's handler pending and input() kept waiting for a key: a test that
+# presses Ctrl-C as soon as it sees the prompt hits it every time instead of once in a long while.
+PROMPT_IDLE_US = 300_000
+IDLE_AFTER_PROMPT = f"""
+import ctypes, functools, readline
+readline.set_pre_input_hook(functools.partial(ctypes.CDLL(None).usleep, {PROMPT_IDLE_US}))
+"""
+
+
 @pytest.fixture(scope="module")
 def llama(llama_dir):
     return load_chat_model(str(llama_dir), device="cpu", dtype="fp32")
+
+
+def spawn_chat(pexpect, llama_dir, tmp_path, prelude: str = ""):
+    """`dialogtrain chat` on the tiny Llama (slowed, greedy, fp32 on the CPU) in a pseudo-terminal."""
+    (tmp_path / "inputrc").write_text("set enable-bracketed-paste off\n")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TERM": "xterm", "INPUTRC": str(tmp_path / "inputrc"),
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    args = [str(llama_dir), "--greedy", "--max-new-tokens", str(MAX_NEW_TOKENS), "--device", "cpu", "--dtype", "fp32"]
+    return pexpect.spawn(sys.executable, ["-c", prelude + SLOW_CHAT, *args], cwd=str(REPO), env=env, encoding="utf-8",
+                         codec_errors="replace", timeout=240, dimensions=(50, 250))
 
 
 def greedy_ids(model, tokenizer, messages: list[dict], max_new_tokens: int) -> list[int]:
@@ -79,12 +101,7 @@ def read_reply(child) -> tuple[str, float]:
 def test_real_terminal_session(llama_dir, llama, tmp_path):
     pexpect = pytest.importorskip("pexpect")
     model, tokenizer = llama
-    (tmp_path / "inputrc").write_text("set enable-bracketed-paste off\n")
-    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "TERM": "xterm", "INPUTRC": str(tmp_path / "inputrc"),
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    args = [str(llama_dir), "--greedy", "--max-new-tokens", str(MAX_NEW_TOKENS), "--device", "cpu", "--dtype", "fp32"]
-    child = pexpect.spawn(sys.executable, ["-c", SLOW_CHAT, *args], cwd=str(REPO), env=env, encoding="utf-8",
-                          codec_errors="replace", timeout=240, dimensions=(50, 250))
+    child = spawn_chat(pexpect, llama_dir, tmp_path)
     try:
         child.expect_exact("you> ")
         # readline line editing: a typo rubbed out with backspace
@@ -127,6 +144,30 @@ def test_real_terminal_session(llama_dir, llama, tmp_path):
         child.sendline("/history")
         child.expect_exact("user: tell me a joke please\r\nassistant: ")
         child.expect_exact("you> ")
+        child.sendline("exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.before
+
+
+def test_ctrl_c_as_the_prompt_returns_is_never_lost(llama_dir, tmp_path):
+    """Stop a reply with Ctrl-C, then press Ctrl-C again the moment the prompt is back, 25 times: every
+    second Ctrl-C is answered at once, none waits for a key press (each lands in readline's idle moment
+    between drawing the prompt and waiting for a key, see IDLE_AFTER_PROMPT)."""
+    pexpect = pytest.importorskip("pexpect")
+    child = spawn_chat(pexpect, llama_dir, tmp_path, prelude=IDLE_AFTER_PROMPT)
+    try:
+        child.expect_exact("you> ")
+        for _ in range(25):
+            child.sendline("tell me a joke please")
+            child.expect_exact("bot> ")
+            child.expect(r"\S")
+            child.sendintr()
+            child.expect_exact(" [stopped]\r\nyou> ")
+            child.sendintr()
+            # answered at the prompt's next wake-up (50 ms); lost, it would wait for a key press: TIMEOUT
+            child.expect_exact("(Ctrl-D or exit to leave)\r\nyou> ", timeout=20)
         child.sendline("exit")
         child.expect(pexpect.EOF)
     finally:

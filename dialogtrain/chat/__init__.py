@@ -1,0 +1,1 @@
+"""Chat with an exported checkpoint: `generate` makes the replies, `session` talks with the user."""
