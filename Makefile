@@ -9,7 +9,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast bench lint clean
+.PHONY: venv demo test test-fast bench gpu-check lint clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,11 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# On a machine with an NVIDIA GPU: nvidia-smi, ds_report, pytest -m gpu, a short GPU bench (bench/gpu_check.py);
+# the table in bench/gpu_results.md. Under 10 minutes on one H200.
+gpu-check: $(STAMP)
+	$(BIN)/python -m bench.gpu_check
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

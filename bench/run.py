@@ -27,7 +27,7 @@ What is measured, and how:
 - Start-up: wall time of `dialogtrain --help` and of an `sft --dry-run`, medians of 5.
 - Learning: held-out assistant-token loss after SFT (same rule and encoding on both sides) and
   held-out reward accuracy after DPO (live-reference runs), after the same steps.
-- Chat: bench/chat.py's rows (chat vs model.generate), when that file exists.
+- Chat: bench/chat.py's rows (chat vs model.generate; fp32, and bf16 where the CPU computes it natively).
 
 --precision auto (the default) is bf16 where this CPU runs bf16 matmuls at least as fast as fp32
 (AMX / AVX512-BF16), else fp32: a CPU without native bf16 runs it 5-50x slower than fp32, and the
@@ -49,6 +49,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from bench import host_memory, lora, preference, trl_packed
+from bench import precision as mixed_precision  # a module name that run()'s `precision` would shadow
 from bench.plan import FULL, QUICK, Plan
 from bench.runner import (
     LEAN_ENV,
@@ -100,9 +102,11 @@ def choose_precision(asked: str, peaks: dict[str, float]) -> tuple[str, str]:
 
 
 def memory_run(model: str, data: dict, plan: Plan, precision: str, out: Path, zero: int, nproc: int,
-               grad_accum: int = 1, lean: bool = False) -> dict:
-    """Memory per rank (the largest rank) of the real SFT worker at `zero` on `nproc` processes; `lean`:
-    with LEAN_FLAGS and LEAN_ENV.
+               grad_accum: int = 1, lean: bool = False, command: str = "sft", flags: dict | None = None,
+               name: str | None = None, extra_env: dict | None = None) -> dict:
+    """Memory per rank (the largest rank) of the real SFT worker (or `command`'s, with more `flags`, on its
+    training data and lr, with `extra_env` in its environment) at `zero` on `nproc` processes; `lean`: with
+    LEAN_FLAGS and LEAN_ENV.
 
     model_state_bytes: live tensor bytes at the optimizer updates (model states live, activations freed;
     bench.memory_worker) minus those before the model; peak_bytes: peak RSS of training (the export after
@@ -112,24 +116,26 @@ def memory_run(model: str, data: dict, plan: Plan, precision: str, out: Path, ze
     from launcher.ds_config import build_ds_config, load_template
     from launcher.run_dir import write_run_dir
 
-    name = f"memory-zero{zero}-x{nproc}{'-lean' if lean else ''}"
+    name = name or f"memory-zero{zero}-x{nproc}{'-lean' if lean else ''}"
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    options = RunOptions.from_flat("sft", {
-        "model": model, "data": data["sft_train"], "output": str(run_dir), "gpus": "cpu", "nproc": nproc,
+    options = RunOptions.from_flat(command, {
+        "model": model, "data": data[f"{command}_train"], "output": str(run_dir), "gpus": "cpu", "nproc": nproc,
         "zero": zero, "precision": precision, "micro_batch": plan.micro_batch, "grad_accum": grad_accum,
-        "max_steps": plan.memory_steps, "max_length": plan.max_length, "lr": plan.sft_lr, "seed": plan.seed,
-        **(LEAN_FLAGS if lean else {})}, world_size=nproc)
-    write_run_dir(run_dir, options, build_ds_config(options, load_template(options)), "# bench.memory_worker\n")
+        "max_steps": plan.memory_steps, "max_length": plan.max_length, "seed": plan.seed,
+        "lr": plan.dpo_lr if command == "dpo" else plan.sft_lr, **(LEAN_FLAGS if lean else {}), **(flags or {})},
+        world_size=nproc)
+    write_run_dir(run_dir, options, build_ds_config(options, load_template(options), device="cpu"),
+                  "# bench.memory_worker\n")
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     argv = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(nproc),
             "--master-addr", "127.0.0.1", "--master-port", str(port), "-m", "bench.memory_worker",
-            str(run_dir / "run.json")]
+            str(run_dir / "run.json"), command]
     # what the launcher sets for CPU runs: no GPU, DeepSpeed's CPU accelerator, the cores split
     env = quiet_env(CUDA_VISIBLE_DEVICES="", DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(max(1, cores() // nproc)),
-                    **(LEAN_ENV if lean else {}))
+                    **(LEAN_ENV if lean else {}), **(extra_env or {}))
     run_checked(argv, out / "logs" / f"{name}.log", env=env)
     ranks = [json.loads((run_dir / f"memory-rank{r}.json").read_text()) for r in range(nproc)]
     return {"model_state_bytes": max(r["tensor_bytes_at_update"] - r["tensor_bytes_before_model"] for r in ranks),
@@ -153,15 +159,21 @@ def startup_times(model: str, data: dict, out: Path, repeats: int) -> dict:
 
 
 def chat_rows(quick: bool, out: Path) -> dict | None:
-    """bench/chat.py's figures (its own process), or None where that benchmark does not exist."""
+    """bench/chat.py's figures by precision (each in its own process): fp32, and bf16 where this CPU
+    computes it natively; None where that benchmark does not exist."""
     if not (BENCH / "chat.py").exists():
         return None
-    code = ("import json, sys; from bench.chat import main; "
-            f"json.dump(main(max_new_tokens={16 if quick else 64}, repeats={1 if quick else 5}), "
-            "open(sys.argv[1], 'w'))")
-    result = out / "chat.result.json"
-    run_checked([sys.executable, "-c", code, str(result)], out / "logs" / "chat.log")
-    return json.loads(result.read_text())
+    from dialogtrain.hardware import cpu_has_native_bf16
+
+    figures = {}
+    for dtype in ("fp32", "bf16") if cpu_has_native_bf16() else ("fp32",):
+        code = ("import json, sys; from bench.chat import main; "
+                f"json.dump(main(max_new_tokens={16 if quick else 64}, repeats={1 if quick else 7}, "
+                f"dtype={dtype!r}, device='cpu'), open(sys.argv[1], 'w'))")
+        result = out / f"chat-{dtype}.result.json"
+        run_checked([sys.executable, "-c", code, str(result)], out / "logs" / f"chat-{dtype}.log")
+        figures[dtype] = json.loads(result.read_text())
+    return figures
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -179,6 +191,7 @@ class Context:
     out: Path
     quick: bool
     default_workload: bool  # SmolLM2 and the chatterbot corpus (not --model)
+    gpus: str = "cpu"  # our runs' --gpus; TRL on the first GPU when not "cpu" (bench.gpu_check)
 
 
 def measure_startup(ctx: Context, r: dict) -> None:
@@ -188,10 +201,10 @@ def measure_startup(ctx: Context, r: dict) -> None:
 def measure_sft(ctx: Context, r: dict) -> None:
     plan = ctx.plan
     progress(f"SFT, dialogtrain: {plan.sft_steps} steps")
-    r["ours_sft"] = ours_sft(ctx.model, ctx.data, plan, ctx.precision, ctx.out)
+    r["ours_sft"] = ours_sft(ctx.model, ctx.data, plan, ctx.precision, ctx.out, gpus=ctx.gpus)
     progress(f"SFT, TRL: {plan.sft_steps} steps")
-    r["trl_sft"] = trl("trl_sft", trl_config(ctx.model, plan, ctx.precision, train=ctx.data["sft_train"],
-                                             eval=ctx.data["sft_eval"], steps=plan.sft_steps, lr=plan.sft_lr),
+    r["trl_sft"] = trl("trl_sft", trl_config(ctx.model, plan, ctx.precision, ctx.gpus, steps=plan.sft_steps,
+                                             train=ctx.data["sft_train"], eval=ctx.data["sft_eval"], lr=plan.sft_lr),
                        ctx.out, "trl-sft")
     flops_per_token, peak = 6 * r["trl_sft"]["parameters"], ctx.peaks[ctx.precision]
     r["mfu_ours"] = flops_per_token * r["ours_sft"]["tokens_per_s"] / peak
@@ -229,7 +242,8 @@ def measure_chat(ctx: Context, r: dict) -> None:
 # The groups of measurements, in the order a full run takes them; `--only a,b` runs some of them and keeps
 # the others' results from the previous results.json (each group records when and where it ran).
 GROUPS = {"startup": measure_startup, "sft": measure_sft, "dpo": measure_dpo, "memory": measure_memory,
-          "chat": measure_chat}
+          "chat": measure_chat, "preference": preference.measure, "lora": lora.measure,
+          "precision": mixed_precision.measure, "trl_packed": trl_packed.measure, "host_memory": host_memory.measure}
 
 
 def run(plan: Plan, model: str, out: Path, asked_precision: str, quick: bool, default_workload: bool,

@@ -55,8 +55,9 @@ def progress(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def common_flags(plan: Plan, precision: str, steps: int, lr: float) -> list[str]:
-    return ["--gpus", "cpu", "--nproc", "1", "--precision", precision, "--micro-batch", str(plan.micro_batch),
+def common_flags(plan: Plan, precision: str, steps: int, lr: float, gpus: str = "cpu") -> list[str]:
+    """The flags every bench run of ours shares; `gpus`: `--gpus` (bench.gpu_check runs on "0")."""
+    return ["--gpus", gpus, "--nproc", "1", "--precision", precision, "--micro-batch", str(plan.micro_batch),
             "--grad-accum", "1", "--max-steps", str(steps), "--max-length", str(plan.max_length), "--lr", str(lr),
             "--warmup-steps", "0", "--seed", str(plan.seed), "--log-every", "1", "--overwrite"]
 
@@ -71,11 +72,14 @@ def step_seconds(records: list[dict]) -> list[float]:
     return [r["input_tokens"] / r["tokens_per_s"] for r in records]
 
 
-def ours_sft(model: str, data: dict, plan: Plan, precision: str, out: Path) -> dict:
-    run_dir = out / "ours-sft"
+def ours_sft(model: str, data: dict, plan: Plan, precision: str, out: Path, flags: tuple[str, ...] = (),
+             name: str = "ours-sft", lr: float | None = None, gpus: str = "cpu") -> dict:
+    """`dialogtrain sft` on the workload (with more `flags`, e.g. LoRA's, and another `lr`), timed."""
+    run_dir = out / name
     run_checked([*dialogtrain_command(), "sft", "--model", model, "--data", data["sft_train"],
-                 "--eval-data", data["sft_eval"], "--output", str(run_dir),
-                 *common_flags(plan, precision, plan.sft_steps, plan.sft_lr)], out / "logs" / "ours-sft.log")
+                 "--eval-data", data["sft_eval"], "--output", str(run_dir), *flags,
+                 *common_flags(plan, precision, plan.sft_steps, lr or plan.sft_lr, gpus)],
+                out / "logs" / f"{name}.log")
     records = train_records(run_dir)
     speed = throughput(step_seconds(records), [r["input_tokens"] for r in records], plan.warmup)
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
@@ -84,14 +88,18 @@ def ours_sft(model: str, data: dict, plan: Plan, precision: str, out: Path) -> d
             "live_mfu_median": statistics.median(r["mfu"] for r in records[plan.warmup:])}
 
 
-def ours_dpo(model: str, data: dict, plan: Plan, precision: str, out: Path, precompute: bool) -> dict:
-    name = "ours-dpo-precomputed" if precompute else "ours-dpo"
+def ours_dpo(model: str, data: dict, plan: Plan, precision: str, out: Path, precompute: bool,
+             flags: tuple[str, ...] = (), name: str | None = None, lr: float | None = None,
+             gpus: str = "cpu") -> dict:
+    """`dialogtrain dpo` on the workload (with more `flags`, e.g. LoRA's, and another `lr`), timed."""
+    name = name or ("ours-dpo-precomputed" if precompute else "ours-dpo")
     run_dir = out / name
     shutil.rmtree(run_dir, ignore_errors=True)  # a reference cache of an earlier run would skip the precompute
     log = run_checked([*dialogtrain_command(), "dpo", "--model", model, "--data", data["dpo_train"],
                        "--eval-data", data["dpo_eval"], "--output", str(run_dir), "--beta", str(plan.beta),
-                       *(["--precompute-ref"] if precompute else []),
-                       *common_flags(plan, precision, plan.dpo_steps, plan.dpo_lr)], out / "logs" / f"{name}.log")
+                       *(["--precompute-ref"] if precompute else []), *flags,
+                       *common_flags(plan, precision, plan.dpo_steps, lr or plan.dpo_lr, gpus)],
+                      out / "logs" / f"{name}.log")
     records = train_records(run_dir)
     seconds = step_seconds(records)
     speed = throughput(seconds, [plan.micro_batch] * len(records), plan.warmup)
@@ -101,7 +109,7 @@ def ours_dpo(model: str, data: dict, plan: Plan, precision: str, out: Path, prec
     evals = [r for r in read_metrics(run_dir / "metrics.jsonl") if "eval_rewards/accuracies" in r]
     result = {"pairs_per_s": speed["per_s"], "tokens_per_s": tokens["per_s"], "timed_steps": speed["timed_steps"],
               "step_s_median": speed["step_s_median"], "eval_reward_accuracy": evals[-1]["eval_rewards/accuracies"],
-              "precompute_s": 0.0, "precomputed_pairs": 0}
+              "eval_reward_margin": evals[-1]["eval_rewards/margins"], "precompute_s": 0.0, "precomputed_pairs": 0}
     if precompute:
         found = PRECOMPUTE_LINE.search(log)
         if not found:
@@ -118,9 +126,11 @@ def trl(script: str, config: dict, out: Path, name: str) -> dict:
     return json.loads(result_path.read_text())
 
 
-def trl_config(model: str, plan: Plan, precision: str, **fields) -> dict:
+def trl_config(model: str, plan: Plan, precision: str, gpus: str = "cpu", **fields) -> dict:
+    """A TRL script's config; `gpus` other than "cpu": TRL trains on the first visible GPU."""
     return {"model": model, "micro_batch": plan.micro_batch, "max_length": plan.max_length, "seed": plan.seed,
-            "precision": precision, "warmup": plan.warmup, "threads": cores(), **fields}
+            "precision": precision, "warmup": plan.warmup, "threads": cores(),
+            "device": "cpu" if gpus == "cpu" else "cuda", **fields}
 
 
 # The memory settings of the "lean" memory runs: activations recomputed, and big blocks straight from and

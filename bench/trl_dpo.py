@@ -7,7 +7,8 @@ Its default reference (a frozen copy of the model, no ref_model given) or, with 
 __init__; that time is measured and reported so the caller can charge it to the throughput. Sigmoid
 loss, beta, lr, steps, micro-batch, max_length, seed and precision as dialogtrain's run; TRL's
 defaults otherwise. A fresh datasets cache, so no precomputed table of an earlier run is reused.
-Held-out reward accuracy: `trainer.evaluate()` (mean over equal-size batches = mean over pairs).
+Held-out reward accuracy and margin: `trainer.evaluate()` (mean over equal-size batches = mean over pairs).
+"device": "cuda" trains on the first GPU (bench.gpu_check).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 from bench.timing import peak_rss_bytes, rss_bytes, throughput, trainer_step_timer
+from bench.trl_lora import peft_config
 
 
 def main(config: dict) -> dict:
@@ -52,7 +54,8 @@ def main(config: dict) -> dict:
         per_device_train_batch_size=config["micro_batch"], per_device_eval_batch_size=config["micro_batch"],
         gradient_accumulation_steps=1, learning_rate=config["lr"], lr_scheduler_type="linear", warmup_steps=0,
         weight_decay=0.0, max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-        bf16=config["precision"] == "bf16", use_cpu=True, seed=config["seed"], data_seed=config["seed"],
+        bf16=config["precision"] == "bf16", fp16=config["precision"] == "fp16",
+        use_cpu=config.get("device", "cpu") == "cpu", seed=config["seed"], data_seed=config["seed"],
         max_length=config["max_length"], beta=config["beta"], loss_type=["sigmoid"],
         precompute_ref_log_probs=config["precompute"],
         # Off, as on our side: TRL's default gradient checkpointing trades a second forward for memory,
@@ -62,6 +65,7 @@ def main(config: dict) -> dict:
         dataloader_num_workers=0)
     timer = trainer_step_timer()
     trainer = TimedDPOTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
+                              peft_config=peft_config(config),  # LoRA: bench.lora's runs
                               processing_class=tokenizer, callbacks=[timer])
     trainer.train()
     pairs = [float(config["micro_batch"])] * len(timer.seconds)
@@ -74,6 +78,7 @@ def main(config: dict) -> dict:
         "step_s_median": speed["step_s_median"], "step_seconds": timer.seconds,
         "precompute_s": sum(precompute_seconds), "precomputed_pairs": len(train) + len(held_out),
         "eval_reward_accuracy": metrics["eval_rewards/accuracies"], "eval_loss": metrics["eval_loss"],
+        "eval_reward_margin": metrics["eval_rewards/margins"],
         "model_state_bytes": model_state, "wall_s": time.perf_counter() - started,
         "threads": torch.get_num_threads(),
         "gradient_checkpointing": args.gradient_checkpointing,  # off: neither side recomputes activations

@@ -7,6 +7,9 @@ chat template, checked to render every training conversation exactly as the mode
 learns the same tokens as dialogtrain; otherwise TRL's defaults (no length grouping, no packing,
 its chunked log-prob LM head). The same lr, steps, micro-batch, max_length, seed, precision and linear
 decay without warm-up as dialogtrain. bf16 is TRL's usual mixed precision (autocast, fp32 weights).
+Config "packing": true is TRL at its best layout instead (bench.trl_packed): `packing=True,
+packing_strategy="bfd"`, micro-batch rows of max_length tokens (padding-free). "device": "cuda" trains
+on the first GPU (bench.gpu_check).
 
 After training, the held-out assistant-token loss is computed by the same rule as dialogtrain's
 evaluation (summed token NLL over all held-out target tokens / their count), on the same encoding.
@@ -21,6 +24,7 @@ import time
 from pathlib import Path
 
 from bench.timing import peak_rss_bytes, rss_bytes, throughput, trainer_step_timer
+from bench.trl_lora import peft_config
 
 
 def held_out_loss(model, tokenizer, eval_path: str, max_length: int, micro_batch: int, precision: str) -> float:
@@ -36,11 +40,14 @@ def held_out_loss(model, tokenizer, eval_path: str, max_length: int, micro_batch
     examples, _ = encode_conversations(tokenizer, conversations, max_length)
     model.eval()
     nll, tokens = 0.0, 0
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+    device = next(model.parameters()).device
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    with torch.no_grad(), torch.autocast(device.type, dtype=half or torch.bfloat16, enabled=half is not None):
         for start in range(0, len(examples), micro_batch):
             batch = collate_sft(examples[start:start + micro_batch], tokenizer.pad_token_id)
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-            logps, n = sequence_logps(logits, batch["labels"])
+            logits = model(input_ids=batch["input_ids"].to(device),
+                           attention_mask=batch["attention_mask"].to(device)).logits
+            logps, n = sequence_logps(logits, batch["labels"].to(device))
             nll -= float(logps.sum())
             tokens += int(n.sum())
     return nll / max(tokens, 1)
@@ -68,8 +75,10 @@ def main(config: dict) -> dict:
         per_device_train_batch_size=config["micro_batch"], gradient_accumulation_steps=1,
         learning_rate=config["lr"], lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0,
         max_grad_norm=1.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-        bf16=config["precision"] == "bf16", use_cpu=True, seed=config["seed"], data_seed=config["seed"],
+        bf16=config["precision"] == "bf16", fp16=config["precision"] == "fp16",
+        use_cpu=config.get("device", "cpu") == "cpu", seed=config["seed"], data_seed=config["seed"],
         max_length=config["max_length"], assistant_only_loss=True,
+        packing=config.get("packing", False), packing_strategy="bfd",
         # Off, as on our side: TRL's default gradient checkpointing trades a second forward for memory,
         # and timing it would flatter us.
         gradient_checkpointing=False,
@@ -77,7 +86,7 @@ def main(config: dict) -> dict:
         dataloader_num_workers=0)
     timer = trainer_step_timer()
     trainer = SFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
-                         callbacks=[timer])
+                         callbacks=[timer], peft_config=peft_config(config))  # LoRA: bench.lora's runs
     trainer.train()
     speed = throughput(timer.seconds, timer.step_tokens(), config["warmup"])
     parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

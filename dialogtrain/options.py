@@ -7,50 +7,28 @@ with `_`), validates them all at once and writes them; every worker reads them b
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import functools
-import importlib.util
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from dialogtrain.data.mixture import MixtureError, parse_sources
 from dialogtrain.data.templates import CHAT_TEMPLATE_NAMES
-from dialogtrain.errors import UserError
+from dialogtrain.loss_facts import (
+    COMMAND_DEFAULTS,
+    PREFERENCE_COMMANDS,
+    options_of_loss,
+    preference_loss_names,
+    preference_losses,
+)
+from dialogtrain.option_fields import OptionsError, flag, option, type_problem
+from dialogtrain.train.lora_options import LoraOptions  # torch-free
+from dialogtrain.train.trackers import TRACKERS, requested_trackers  # torch-free
 
-PRECISIONS = ("fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16", "pure-bf16")
+OPTIMIZERS = ("adamw", "fused-adam")
 OFFLOADS = ("none", "optimizer", "optimizer+param")
-
-
-@functools.cache
-def preference_loss_names() -> tuple[str, ...]:
-    """The keys of train.losses.PREFERENCE_LOSSES, the one list of --loss names, read from that module's
-    source: the launcher validates options without importing torch, which the losses need."""
-    spec = importlib.util.find_spec("dialogtrain.train.losses")
-    for node in ast.parse(Path(spec.origin).read_text()).body:
-        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["PREFERENCE_LOSSES"]:
-            return tuple(key.value for key in node.value.keys)
-    raise AssertionError("dialogtrain/train/losses.py: no PREFERENCE_LOSSES = {...} literal")
-
-
-class OptionsError(UserError):
-    """Every problem of one command line, each naming its flag."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n  ".join(["invalid options:", *problems]))
-
-
-def flag(name: str) -> str:
-    """Field name -> the flag a user types: `micro_batch` -> `--micro-batch`."""
-    return "--" + name.replace("_", "-")
-
-
-def option(default: Any, help: str, metavar: str | None = None) -> Any:
-    """A field of the run options with its command-line help (and metavar) beside it; launcher.flags
-    turns each field into `--field-name`."""
-    return field(default=default, metadata={"help": help, "metavar": metavar})
 
 
 @dataclass(frozen=True)
@@ -73,11 +51,19 @@ class ModelOptions:
 
 @dataclass(frozen=True)
 class DataOptions:
-    data: str = option("", "training data: a file, a folder of files, or a hub id name[:config][@split] "
-                       "(required)", "DATA")
-    eval_data: str | None = option(None, "evaluation data, in the same forms as --data", "DATA")
+    data: str = option("", "training data: a file, a folder of files, a hub id name[:config][@split], or a "
+                       "mixture drawn by weight each epoch: a.jsonl:0.7,b.yaml:0.3 (the weight follows the last "
+                       "':') (required)", "DATA")
+    eval_data: str | None = option(None, "evaluation data, in the same forms as --data (weights ignored; each "
+                                   "source also gets its own eval_loss/NAME)", "DATA")
     max_length: int = option(512, "tokens per example; longer conversations lose their oldest turns")
     skip_bad_rows: bool = option(False, "drop invalid rows (and count them) instead of stopping")
+    keep_duplicates: bool = option(False, "keep exact duplicates (the same turns up to whitespace; pairs: the same "
+                                   "prompt, chosen and rejected) instead of dropping all but the first")
+    keep_overlap: bool = option(False, "evaluate also the --eval-data examples that occur in --data (pairs: whose "
+                                "prompt does) instead of leaving them out")
+    eval_split: float = option(0.0, "hold out this fraction of --data as the eval set, after de-duplication and "
+                               "sharing no conversation (pairs: no prompt) with training; 0: none", "FRACTION")
     group_by_length: bool = option(False, "put examples of similar length in the same step: ~1.5x the tokens/s "
                                    "(little padding computed), but each step sees less varied examples, which "
                                    "can cost learning per step")
@@ -89,6 +75,17 @@ class DataOptions:
         out = [] if self.data else [f"{flag('data')} is required"]
         if self.max_length < 8:
             out.append(f"{flag('max_length')} must be at least 8, got {self.max_length}")
+        for name in ("data", "eval_data"):
+            try:
+                parse_sources(getattr(self, name) or "x")
+            except MixtureError as err:
+                out.append(f"{flag(name)} {err}")
+        if not 0 <= self.eval_split < 1:
+            out.append(f"{flag('eval_split')} must be a fraction in [0, 1), got {self.eval_split}")
+        elif self.eval_split and self.eval_data:
+            out.append(f"{flag('eval_split')} and {flag('eval_data')}: the eval set comes from one of them; give one")
+        if self.keep_overlap and not self.eval_data:
+            out.append(f"{flag('keep_overlap')} needs {flag('eval_data')} (an --eval-split never overlaps)")
         return out
 
 
@@ -100,8 +97,16 @@ class OptimOptions:
     grad_clip: float = option(1.0, "clip the gradient norm to this; 0 disables clipping")
     micro_batch: int = option(4, "sequences per process per forward pass")
     grad_accum: int = option(1, "micro-batches accumulated into one optimizer step")
-    precision: str = option("fp32", "fp32, bf16 (CPU or GPU) or fp16 (GPU only, dynamic loss scaling)",
-                            "|".join(PRECISIONS))
+    precision: str = option("auto", "auto: bf16 on GPUs of compute capability 8 or more, fp16 below, bf16 on a "
+                            "CPU with native bf16, else fp32. bf16/fp16: mixed precision (fp32 weights and "
+                            "optimizer state, autocast compute; fp16 with dynamic loss scaling, GPU only). "
+                            "pure-bf16: bf16 weights (smaller, faster; updates below half a bf16 step are lost "
+                            "at small learning rates)", "|".join(PRECISIONS))
+    export_fp32: bool = option(False, "write RUN/final (and `dialogtrain export`) in fp32 instead of the run's "
+                               "precision (bf16/fp16 runs export 16-bit weights by default)")
+    optimizer: str = option("adamw", "adamw: torch's AdamW, fused on a GPU (DeepSpeed's CPU Adam with --offload); "
+                            "fused-adam: DeepSpeed's FusedAdam, built on the first run (needs the CUDA toolkit)",
+                            "|".join(OPTIMIZERS))
     zero: int = option(0, "ZeRO stage: 0 plain data parallel, 1 shards optimizer state, 2 also gradients, "
                        "3 also weights", "0|1|2|3")
     offload: str = option("none", "move optimizer state (ZeRO 1-3) and weights (ZeRO-3) to CPU RAM",
@@ -109,6 +114,16 @@ class OptimOptions:
     gradient_checkpointing: bool = option(False, "recompute each layer's activations in the backward pass "
                                           "instead of keeping them: activation memory of about one layer, "
                                           "about a third more compute")
+
+    @property
+    def compute_dtype(self) -> str:
+        """The torch dtype name the forward computes in (a resolved --precision)."""
+        return {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "pure-bf16": "bfloat16"}[self.precision]
+
+    @property
+    def export_dtype(self) -> str:
+        """The torch dtype name of the exported weights: the run's precision, or fp32 on request."""
+        return "float32" if self.export_fp32 else self.compute_dtype
 
     def problems(self) -> list[str]:
         out = []
@@ -125,6 +140,11 @@ class OptimOptions:
                 out.append(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.precision not in PRECISIONS:
             out.append(f"{flag('precision')} must be one of {'|'.join(PRECISIONS)}, got {self.precision!r}")
+        if self.optimizer not in OPTIMIZERS:
+            out.append(f"{flag('optimizer')} must be one of {'|'.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        elif self.optimizer == "fused-adam" and self.offload != "none":
+            out.append(f"{flag('optimizer')} fused-adam runs on the GPU; with {flag('offload')} {self.offload} the "
+                       f"optimizer runs on the CPU (DeepSpeed's CPU Adam): use {flag('optimizer')} adamw")
         if self.zero not in (0, 1, 2, 3):
             out.append(f"{flag('zero')} must be 0, 1, 2 or 3, got {self.zero}")
         if self.offload not in OFFLOADS:
@@ -164,27 +184,58 @@ class ScheduleOptions:
 @dataclass(frozen=True)
 class DPOOptions:
     ref_model: str | None = option(None, "frozen reference model  [default: a copy of --model]", "MODEL")
-    beta: float = option(0.1, "DPO beta: how strongly the policy is held near the reference")
-    loss: str = option("sigmoid", "preference loss (train/losses.py: PREFERENCE_LOSSES)",
-                       "|".join(preference_loss_names()))
+    beta: float = option(0.1, "beta: how strongly the policy is held near the reference (DPO, IPO, hinge, KTO); "
+                         "SimPO: the scale of its rewards (beta x mean token log-prob)")
+    loss: str = option("sigmoid", "preference loss (train/losses.py: PREFERENCE_LOSSES); orpo and simpo need no "
+                       "reference model", "|".join(preference_loss_names(paired=True)))
     label_smoothing: float = option(0.0, "conservative DPO: assumed probability that a preference is flipped")
     rpo_alpha: float = option(0.0, "weight of the chosen responses' NLL added to the DPO loss (RPO); 0 disables")
     precompute_ref: bool = option(False, "compute reference log-probs once before training instead of keeping "
                                   "the reference model")
+    orpo_lambda: float = option(0.1, "ORPO: weight lambda of the odds-ratio term added to the chosen responses' NLL")
+    simpo_gamma: float = option(0.5, "SimPO: target margin gamma between the chosen and rejected rewards")
+    kto_desirable_weight: float = option(1.0, "KTO: weight of the losses of desirable (thumbs-up) completions")
+    kto_undesirable_weight: float = option(1.0, "KTO: weight of the losses of undesirable (thumbs-down) completions; "
+                                           "keep desirable weight x count / (undesirable weight x count) within "
+                                           "[1, 4/3] (the start-up says which weights do)")
 
     def problems(self) -> list[str]:
         out = []
         if not self.beta > 0:
             out.append(f"{flag('beta')} must be > 0, got {self.beta}")
         if self.loss not in preference_loss_names():
-            out.append(f"{flag('loss')} must be one of {'|'.join(preference_loss_names())}, got {self.loss!r}")
+            out.append(f"{flag('loss')} must be one of {'|'.join(preference_loss_names(paired=True))}, "
+                       f"got {self.loss!r}")
         if not 0 <= self.label_smoothing < 0.5:
             out.append(f"{flag('label_smoothing')} must be in [0, 0.5), got {self.label_smoothing}")
-        elif self.label_smoothing and self.loss != "sigmoid":
-            out.append(f"{flag('label_smoothing')} {self.label_smoothing} applies to {flag('loss')} sigmoid only, "
-                       f"not {flag('loss')} {self.loss}")
-        if self.rpo_alpha < 0:
-            out.append(f"{flag('rpo_alpha')} must be >= 0, got {self.rpo_alpha}")
+        for name in ("rpo_alpha", "simpo_gamma"):
+            if getattr(self, name) < 0:
+                out.append(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("orpo_lambda", "kto_desirable_weight", "kto_undesirable_weight"):
+            if not getattr(self, name) > 0:
+                out.append(f"{flag(name)} must be > 0, got {getattr(self, name)}")
+        return out + self.unread_options()
+
+    def unread_options(self) -> list[str]:
+        """Options given (not at their default) that the chosen --loss does not read (options_of_loss)."""
+        losses = preference_losses()
+        if self.loss not in losses:
+            return []
+        reads, out = options_of_loss(losses[self.loss]), []
+        for f in fields(self):
+            if f.name in reads or getattr(self, f.name) == f.default:
+                continue
+            if f.name == "ref_model" and not losses[self.loss].reference:
+                out.append(f"{flag('ref_model')}: {flag('loss')} {self.loss} uses no reference model")
+            elif f.name == "precompute_ref" and losses[self.loss].reference:
+                out.append(f"{flag('precompute_ref')}: {flag('loss')} {self.loss} scores new mismatched pairs with "
+                           f"the reference every step (its KL estimate), so the reference stays live")
+            elif f.name == "precompute_ref":
+                out.append(f"{flag('precompute_ref')}: {flag('loss')} {self.loss} uses no reference model")
+            else:
+                readers = "|".join(name for name, loss in losses.items() if f.name in options_of_loss(loss))
+                out.append(f"{flag(f.name)} {getattr(self, f.name)} applies to {flag('loss')} {readers} only, "
+                           f"not {flag('loss')} {self.loss}")
         return out
 
 
@@ -211,6 +262,8 @@ class LaunchOptions:
                                 "means auto) or a checkpoint folder; data and options must match it",
                                 "[auto|PATH]")
     resume_force: bool = option(False, "resume although the data or options differ from the checkpoint's")
+    dist_timeout: float = option(30.0, "minutes a process waits for the others in a collective before the run "
+                                 "fails (rank 0 alone exports the model or converts a checkpoint meanwhile)")
 
     def problems(self) -> list[str]:
         out = [] if self.output else [f"{flag('output')} is required"]
@@ -218,6 +271,8 @@ class LaunchOptions:
             out.append(f"{flag('nproc')} must be >= 1, got {self.nproc}")
         if self.max_restarts < 0:
             out.append(f"{flag('max_restarts')} must be >= 0, got {self.max_restarts}")
+        if not self.dist_timeout > 0:
+            out.append(f"{flag('dist_timeout')} must be > 0 minutes, got {self.dist_timeout}")
         out += self.node_problems()
         if self.resume is not None and not self.resume.strip():
             out.append(f"{flag('resume')} needs auto or a checkpoint folder")
@@ -242,12 +297,33 @@ class LaunchOptions:
         return out
 
 
+@dataclass(frozen=True)
+class TrackOptions:
+    report_to: str = option("none", "experiment trackers that also get every metrics.jsonl record (rank 0, offline "
+                            "by default): none or a comma list; each is an extra: pip install "
+                            "'dialogtrain[tensorboard]' (README: Experiment trackers)", "|".join(("none", *TRACKERS)))
+    run_name: str | None = option(None, "the run's name in the trackers  [default: the --output folder's name]",
+                                  "NAME")
+
+    def problems(self) -> list[str]:
+        out = []
+        unknown = [name for name in requested_trackers(self.report_to) if name not in TRACKERS]
+        if unknown:
+            out.append(f"{flag('report_to')} {self.report_to}: give none or a comma list of {', '.join(TRACKERS)} "
+                       f"({', '.join(unknown)} is not one)")
+        if self.run_name is not None and not self.run_name.strip():
+            out.append(f"{flag('run_name')} must not be empty")
+        return out
+
+
 SECTIONS = {
     "model": ModelOptions,
     "data": DataOptions,
     "optim": OptimOptions,
     "schedule": ScheduleOptions,
     "dpo": DPOOptions,
+    "lora": LoraOptions,
+    "track": TrackOptions,
     "launch": LaunchOptions,
 }
 
@@ -256,12 +332,14 @@ SECTIONS = {
 class RunOptions:
     """Everything a worker needs; `world_size` is the number of processes the launcher starts."""
 
-    command: str = "sft"  # "sft" | "dpo"
+    command: str = "sft"  # "sft" | "dpo" | "kto"
     model: ModelOptions = field(default_factory=ModelOptions)
     data: DataOptions = field(default_factory=DataOptions)
     optim: OptimOptions = field(default_factory=OptimOptions)
     schedule: ScheduleOptions = field(default_factory=ScheduleOptions)
     dpo: DPOOptions = field(default_factory=DPOOptions)
+    lora: LoraOptions = field(default_factory=LoraOptions)
+    track: TrackOptions = field(default_factory=TrackOptions)
     launch: LaunchOptions = field(default_factory=LaunchOptions)
     world_size: int = 1
 
@@ -273,16 +351,33 @@ class RunOptions:
     def problems(self) -> list[str]:
         out = []
         for name in SECTIONS:
-            if name == "dpo" and self.command != "dpo":
+            if name == "dpo" and self.command not in PREFERENCE_COMMANDS:
                 continue
             out.extend(getattr(self, name).problems())
+        out.extend(self.lora.problems_with(self.optim))
+        out.extend(self.preference_problems())
         if self.world_size < 1:
             out.append(f"world size must be >= 1, got {self.world_size}")
         return out
 
+    def preference_problems(self) -> list[str]:
+        """dpo trains pairs and kto rated completions; KTO's KL estimate needs two examples per step."""
+        loss = preference_losses().get(self.dpo.loss)
+        if self.command not in PREFERENCE_COMMANDS or loss is None:
+            return []
+        if loss.paired != PREFERENCE_COMMANDS[self.command]:
+            other = next(c for c, paired in PREFERENCE_COMMANDS.items() if paired == loss.paired)
+            what = "chosen/rejected pairs" if loss.paired else "completions rated good or bad"
+            return [f"{flag('loss')} {self.dpo.loss} learns from {what}: run `dialogtrain {other}`"]
+        if not loss.paired and self.global_batch < 2:
+            return [f"`dialogtrain {self.command}` needs a global batch (--micro-batch x --grad-accum x processes) "
+                    f"of at least 2: its KL estimate pairs each prompt with another example's completion"]
+        return []
+
     @classmethod
     def from_flat(cls, command: str, values: dict[str, Any], world_size: int = 1) -> RunOptions:
         """Build from flag-named values (`micro_batch=4`); unknown keys and bad values are one OptionsError."""
+        values = {**COMMAND_DEFAULTS.get(command, {}), **values}
         owner = {f.name: section for section, klass in SECTIONS.items() for f in fields(klass)}
         grouped: dict[str, dict[str, Any]] = {section: {} for section in SECTIONS}
         problems = []
@@ -295,7 +390,7 @@ class RunOptions:
         for section, klass in SECTIONS.items():
             for f in fields(klass):
                 if f.name in grouped[section]:
-                    problem = _type_problem(f, grouped[section][f.name])
+                    problem = type_problem(f, grouped[section][f.name])
                     if problem:
                         problems.append(problem)
                         del grouped[section][f.name]
@@ -316,20 +411,4 @@ class RunOptions:
     def load(cls, path: str | Path) -> RunOptions:
         raw = json.loads(Path(path).read_text())
         return cls(command=raw["command"], world_size=raw["world_size"],
-                   **{section: klass(**raw[section]) for section, klass in SECTIONS.items()})
-
-
-def _type_problem(f: dataclasses.Field, value: Any) -> str | None:
-    """Why `value` cannot fill field `f`, or None. Accepts ints for floats and None for optional fields."""
-    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    if value is None:
-        return None if "None" in kind else f"{flag(f.name)} needs a value"
-    if kind.startswith("bool"):
-        ok = isinstance(value, bool)
-    elif kind.startswith("int"):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif kind.startswith("float"):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, str)
-    return None if ok else f"{flag(f.name)} must be {kind.split(' ')[0]}, got {value!r}"
+                   **{section: klass(**raw.get(section, {})) for section, klass in SECTIONS.items()})

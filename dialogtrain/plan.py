@@ -14,17 +14,28 @@ ZeRO-0 is ZeRO-2's estimate on one GPU (nothing sharded), ZeRO-1 keeps the 16-bi
 per parameter) whole on every GPU and shards the rest like ZeRO-2. Workers load the whole model on
 every process before DeepSpeed partitions it (no `deepspeed.zero.Init`), so the ZeRO-3 estimates are
 the estimator's `zero_init=False` ones.
+
+With LoRA (--lora-r) the estimators are fed the adapters' parameters (the only ones with gradients and
+optimizer state), and the frozen base adds its 16-bit weights: whole on every GPU at ZeRO 0-2, sharded
+at ZeRO-3 (in CPU RAM with parameter offload). With QLoRA (--load-in-4bit) the base's linear layers
+take NF4_BYTES per parameter and ZeRO-3 is not offered (4-bit weights cannot be partitioned). The
+one-time CPU buffer of loading the base is not counted.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 from dataclasses import dataclass
 
 from dialogtrain.errors import UserError
+from dialogtrain.options import LoraOptions, RunOptions
 
 GiB = 1024**3
+# QLoRA: bytes per parameter of an NF4 weight with double quantization: 4 bits, an 8-bit scale per block
+# of 64, an fp32 scale of those per 256 blocks.
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 # Model states may take this share of a GPU; the rest is for activations, buffers and the CUDA context.
 GPU_SHARE = 0.8
 # Fastest first (Hugging Face's DeepSpeed guide: stage 0 > 1 > 2 > 2 + offload > 3 > 3 + offloads).
@@ -38,10 +49,13 @@ SPEED_ORDER = [(0, "none"), (1, "none"), (2, "none"), (2, "optimizer"), (3, "non
 @dataclass(frozen=True)
 class ParameterCounts:
     """total: parameters, a tied weight counted once. largest_layer: the most parameters one module holds
-    itself (ZeRO-3 gathers a layer at a time)."""
+    itself (ZeRO-3 gathers a layer at a time). LoRA: `trainable`, the adapters' parameters (None: all
+    train), beside the frozen base's `total`; QLoRA: `quantized`, the base parameters held in 4 bits."""
 
     total: int
     largest_layer: int
+    trainable: int | None = None
+    quantized: int = 0
 
 
 @dataclass(frozen=True)
@@ -58,8 +72,9 @@ class Estimate:
         return f"--zero {self.zero}" + (f" --offload {self.offload}" if self.offload != "none" else "")
 
 
-def count_parameters(model: str, trust_remote_code: bool = False) -> ParameterCounts:
-    """Parameter counts of `model` (folder, hub id or .gguf) from its config, built on the meta device."""
+def count_parameters(model: str, trust_remote_code: bool = False, lora: LoraOptions | None = None) -> ParameterCounts:
+    """Parameter counts of `model` (folder, hub id or .gguf) from its config, built on the meta device;
+    with `lora` (--lora-r > 0), PEFT's adapters are added to it there and counted."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -74,7 +89,14 @@ def count_parameters(model: str, trust_remote_code: bool = False) -> ParameterCo
         lm = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     total = sum(p.numel() for p in lm.parameters())  # parameters() yields a tied weight once
     largest = max(sum(p.numel() for p in module.parameters(recurse=False)) for module in lm.modules())
-    return ParameterCounts(total, largest)
+    if not (lora and lora.enabled):
+        return ParameterCounts(total, largest)
+    from dialogtrain.train.lora import add_adapters, quantizable_parameters
+
+    quantized = quantizable_parameters(lm) if lora.load_in_4bit else 0
+    with torch.device("meta"):
+        adapted = add_adapters(lm, RunOptions(lora=lora))
+    return ParameterCounts(total, largest, adapted.get_nb_trainable_parameters()[0], quantized)
 
 
 def estimate_memory(counts: ParameterCounts, gpus_per_node: int, nnodes: int) -> list[Estimate]:
@@ -82,7 +104,8 @@ def estimate_memory(counts: ParameterCounts, gpus_per_node: int, nnodes: int) ->
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
-    total, gpus = counts.total, gpus_per_node * nnodes
+    total = counts.total if counts.trainable is None else counts.trainable  # what has gradients and Adam state
+    gpus = gpus_per_node * nnodes
 
     def zero2(offload: bool, gpus_per_node: int = gpus_per_node, nnodes: int = nnodes) -> tuple[int, int]:
         cpu, gpu = estimate_zero2_model_states_mem_needs(total, gpus_per_node, nnodes, cpu_offload=offload)
@@ -107,15 +130,21 @@ def estimate_memory(counts: ParameterCounts, gpus_per_node: int, nnodes: int) ->
         (3, "optimizer"): zero3(True, False),
         (3, "optimizer+param"): zero3(True, True),
     }
-    return [Estimate(zero, offload, *by_choice[zero, offload]) for zero, offload in CHOICES]
+    if counts.trainable is not None:  # LoRA: the frozen base's weights come on top
+        base = 2 * (counts.total - counts.quantized) + math.ceil(NF4_BYTES * counts.quantized)
+        by_choice = {(zero, offload): (gpu + base, cpu) if zero < 3 else
+                     (gpu, cpu + base // nnodes) if offload == "optimizer+param" else (gpu + base // gpus, cpu)
+                     for (zero, offload), (gpu, cpu) in by_choice.items() if zero < 3 or not counts.quantized}
+    return [Estimate(zero, offload, *by_choice[zero, offload]) for zero, offload in CHOICES
+            if (zero, offload) in by_choice]
 
 
 def recommend(estimates: list[Estimate], gpu_bytes: int, cpu_bytes: int) -> Estimate | None:
     """The fastest choice (SPEED_ORDER) whose model states fit GPU_SHARE of one GPU and the RAM of a node."""
     by_choice = {(e.zero, e.offload): e for e in estimates}
     for choice in SPEED_ORDER:
-        estimate = by_choice[choice]
-        if estimate.gpu_bytes <= GPU_SHARE * gpu_bytes and estimate.cpu_bytes <= cpu_bytes:
+        estimate = by_choice.get(choice)  # QLoRA has no ZeRO-3
+        if estimate and estimate.gpu_bytes <= GPU_SHARE * gpu_bytes and estimate.cpu_bytes <= cpu_bytes:
             return estimate
     return None
 
@@ -148,9 +177,9 @@ def format_bytes(n: float) -> str:
 
 
 def plan_report(model: str, gpus_per_node: int, nnodes: int = 1, gpu_bytes: int | None = None,
-                cpu_bytes: int | None = None, trust_remote_code: bool = False) -> str:
+                cpu_bytes: int | None = None, trust_remote_code: bool = False, lora: LoraOptions | None = None) -> str:
     """The text `dialogtrain plan` prints: counts, one line per choice, and the recommendation."""
-    counts = count_parameters(model, trust_remote_code)
+    counts = count_parameters(model, trust_remote_code, lora)
     estimates = estimate_memory(counts, gpus_per_node, nnodes)
     gpu_bytes = gpu_bytes if gpu_bytes is not None else gpu_memory()
     cpu_bytes = cpu_bytes if cpu_bytes is not None else cpu_memory()
@@ -160,12 +189,20 @@ def plan_report(model: str, gpus_per_node: int, nnodes: int = 1, gpu_bytes: int 
              f"{gpus_per_node} {gpus} per node x {nnodes} {nodes} = {gpus_per_node * nnodes} GPUs",
              "model states (DeepSpeed's estimators: 16-bit weights, fp32 master weights, gradients and Adam state; "
              "activations come on top)",
+             *([lora_line(counts, lora)] if counts.trainable is not None else []),
              "",
              f"  {'flags':<36} {'per GPU':>12} {'CPU RAM per node':>18}"]
     lines += [f"  {e.flags:<36} {format_bytes(e.gpu_bytes):>12} {format_bytes(e.cpu_bytes):>18}" for e in estimates]
     lines.append("")
     lines.append(recommendation_line(estimates, gpu_bytes, cpu_bytes))
     return "\n".join(lines)
+
+
+def lora_line(counts: ParameterCounts, lora: LoraOptions) -> str:
+    base = ("the frozen base's linear layers in 4 bits (NF4), the rest 16-bit; no ZeRO-3" if counts.quantized
+            else "the frozen base in 16-bit weights")
+    return (f"LoRA --lora-r {lora.lora_r} --lora-targets {lora.lora_targets}: {counts.trainable:,} adapter parameters "
+            f"train ({100 * counts.trainable / counts.total:.2f}% of the base), {base}")
 
 
 def recommendation_line(estimates: list[Estimate], gpu_bytes: int | None, cpu_bytes: int) -> str:

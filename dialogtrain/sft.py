@@ -16,7 +16,6 @@ import torch
 
 from dialogtrain.data.collate import collate_sft, input_token_count, target_tokens
 from dialogtrain.data.sampling import eval_micro_batches_of_rank, micro_batches_of_rank
-from dialogtrain.errors import UserError
 from dialogtrain.options import RunOptions
 from dialogtrain.train import loop
 from dialogtrain.train.distributed import World
@@ -24,6 +23,7 @@ from dialogtrain.train.engine import optimizer_step
 from dialogtrain.train.forward import batch_sequence_logps, learned_logits
 from dialogtrain.train.loop import Run, to_device
 from dialogtrain.train.losses import sft_loss
+from dialogtrain.train.source_metrics import SourceTotals
 
 UNIT = "examples"
 PROGRESS = ("loss",)
@@ -31,22 +31,11 @@ collate = collate_sft
 
 
 def load_examples(options: RunOptions, tokenizer, world: World) -> tuple[list[dict], list[dict]]:
-    """Load, validate and encode the train (and eval) conversations; print the counts once."""
-    from dialogtrain.data.encode import encode_conversations
-    from dialogtrain.data.load import load_conversations
+    """The train (and eval) conversations: loaded, validated, de-duplicated, encoded (data.prepare); the
+    counts printed once."""
+    from dialogtrain.data.prepare import CONVERSATIONS, prepare_examples
 
-    def encode(source: str, name: str) -> list[dict]:
-        conversations, report = load_conversations(source, skip_bad_rows=options.data.skip_bad_rows)
-        examples, stats = encode_conversations(tokenizer, conversations, options.data.max_length)
-        world.print(f"{name} {report.summary()}")
-        world.print(f"{name} {stats.summary()}")
-        if not examples:
-            raise UserError(f"{source}: no example has a learnable assistant token")
-        return examples
-
-    train_set = encode(options.data.data, "train")
-    eval_set = encode(options.data.eval_data, "eval") if options.data.eval_data else []
-    return train_set, eval_set
+    return prepare_examples(options, CONVERSATIONS, tokenizer, world.print)
 
 
 def example_length(example: dict) -> int:
@@ -73,28 +62,30 @@ def train_step(engine, run: Run, state: None, indices: list[int]) -> dict[str, f
     # so the summed gradient is d(sum of token losses)/N_step.
     backward_scale = options.optim.grad_accum * world.size
     micro_batches = micro_batches_of_rank(indices, run.lengths, world.rank, world.size, options.optim.micro_batch)
-    loss, input_tokens, grad_norm = 0.0, 0, math.nan
+    loss, input_tokens, grad_norm, applied = torch.zeros((), device=world.device), 0, math.nan, True
     for k, micro in enumerate(micro_batches):
         batch = to_device(run.collate([examples[i] for i in micro]), world.device)
-        logits = learned_logits(engine, batch)  # (N, V) at the learned positions only
-        micro_loss = sft_loss(logits, batch["labels"], step_targets)  # this micro-batch's share, scalar
+        # (N, V) logits at the learned positions only, unnamed: freed by the backward, not kept to the next forward
+        micro_loss = sft_loss(learned_logits(engine, batch), batch["targets"], step_targets)  # this micro-batch's share
         engine.backward(micro_loss * backward_scale)
         if k == len(micro_batches) - 1:
-            grad_norm = optimizer_step(engine)
+            grad_norm, applied = optimizer_step(engine)
         else:
             engine.step()
-        loss += micro_loss.item()
+        loss += micro_loss.detach()  # on the device: read once per step, below
         input_tokens += input_token_count(batch)
-    loss, input_tokens = world.sum(loss, input_tokens)
-    return {"loss": loss, "grad_norm": grad_norm, "input_tokens": input_tokens, "target_tokens": step_targets}
+    loss, input_tokens = world.sum(float(loss), input_tokens)
+    return {"loss": loss, "grad_norm": grad_norm, "input_tokens": input_tokens, "target_tokens": step_targets,
+            "skipped": not applied}
 
 
 @torch.no_grad()
 def evaluate(engine, run: Run, state: None) -> dict[str, float]:
-    """Mean assistant-token loss and perplexity over the whole eval set, all ranks together."""
+    """Mean assistant-token loss and perplexity over the whole eval set, all ranks together; with several
+    data sources, the loss of each too (eval_loss/NAME)."""
     world, examples = run.world, run.eval_set
     engine.eval()
-    nll, tokens = 0.0, 0
+    nll, tokens, by_source = 0.0, 0, SourceTotals(examples)
     for micro in eval_micro_batches_of_rank(len(examples), world.rank, world.size, run.options.optim.micro_batch):
         # A rank out of examples still runs a forward (ZeRO-3 gathers are collective) and counts nothing.
         batch = to_device(run.collate([examples[i] for i in micro or [0]]), world.device)
@@ -102,10 +93,12 @@ def evaluate(engine, run: Run, state: None) -> dict[str, float]:
         if micro:
             nll -= float(logps.sum())
             tokens += int(n.sum())
+            if by_source:
+                by_source.add(micro, (-logps).tolist(), n.tolist())
     engine.train()
     nll, tokens = world.sum(nll, tokens)
     loss = nll / max(tokens, 1)
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0)), **by_source.means(world, "eval_loss")}
 
 
 def eval_summary(metrics: dict[str, float]) -> str:

@@ -19,9 +19,10 @@ import click
 
 from dialogtrain import __version__
 from dialogtrain.errors import UserError
-from dialogtrain.hardware import SLOW_BF16_NOTE, cpu_has_native_bf16
-from dialogtrain.options import LaunchOptions, OptionsError, RunOptions
-from launcher.devices import Devices, read_hostfile, resolve_devices, resolve_hosts
+from dialogtrain.hardware import BF16_CAPABILITY, SLOW_BF16_NOTE, auto_precision, cpu_has_native_bf16
+from dialogtrain.options import LaunchOptions, LoraOptions, OptimOptions, OptionsError, RunOptions
+from dialogtrain.train.trackers import missing_tracker_problems
+from launcher.devices import Devices, gpu_capabilities, read_hostfile, resolve_devices, resolve_hosts
 from launcher.ds_config import build_ds_config, load_template, overridden_settings, read_ds_config_file
 from launcher.flags import (
     command_fields,
@@ -30,6 +31,7 @@ from launcher.flags import (
     run_options,
     unknown_argument_problems,
 )
+from launcher.inspect_command import inspect_command
 from launcher.launch import (
     WORKER_ENV,
     Launch,
@@ -96,18 +98,24 @@ def resolve_run(ctx: click.Context, command: str, config_path: str | None,
     devices, device_problems = devices_for(values, dry_run)
     nnodes = values.get("nnodes", LaunchOptions.nnodes)
     world_size = devices.world_size(nnodes if isinstance(nnodes, int) and nnodes >= 1 else 1) if devices else 1
+    capabilities = gpu_capabilities(devices) if devices else None
+    notes = [devices.notice] if devices and devices.notice else []
+    if devices and values.get("precision", OptimOptions.precision) == "auto":
+        values["precision"], why = auto_precision(devices.kind, capabilities)
+        notes.append(f"--precision auto: {values['precision']} ({why})")
     try:
         options = RunOptions.from_flat(command, values, world_size=world_size)
     except OptionsError as err:
         options, problems = None, problems + err.problems
-    problems += device_problems + cpu_problems(values, devices) + extra_checks(values)
-    ds_config, template, template_problems = ds_config_for(options, values)
+    problems += device_problems + precision_problems(values, devices, capabilities) + extra_checks(values)
+    ds_config, template, template_problems = ds_config_for(options, values, devices)
     problems += template_problems
     if problems:
         raise OptionsError(list(dict.fromkeys(problems)))
-    notes = [devices.notice] if devices.notice else []
-    if devices.kind == "cpu" and options.optim.precision == "bf16" and not cpu_has_native_bf16():
+    if devices.kind == "cpu" and "bf16" in options.optim.precision and not cpu_has_native_bf16():
         notes.append(SLOW_BF16_NOTE)
+    if options.optim.precision == "pure-bf16" and options.optim.lr < PURE_BF16_MIN_LR:
+        notes.append(pure_bf16_note(options.optim.lr))
     if options.launch.ds_config:
         notes += [f"--ds-config {options.launch.ds_config}: {line}"
                   for line in overridden_settings(template, ds_config)]
@@ -130,14 +138,31 @@ def devices_for(values: dict[str, Any], dry_run: bool = False) -> tuple[Devices 
         return None, [str(err)]
 
 
-def cpu_problems(values: dict[str, Any], devices: Devices | None) -> list[str]:
-    if devices and devices.kind == "cpu" and values.get("precision") == "fp16":
+def precision_problems(values: dict[str, Any], devices: Devices | None,
+                       capabilities: list[tuple[int, int]] | None) -> list[str]:
+    """fp16 on the CPU, and bf16 on GPUs that only emulate it, are refused."""
+    precision = values.get("precision")
+    if devices and devices.kind == "cpu" and precision == "fp16":
         return ["--precision fp16 needs a GPU (this run is on the CPU); use --precision bf16 or fp32 on CPU"]
+    if capabilities and isinstance(precision, str) and "bf16" in precision and min(capabilities) < BF16_CAPABILITY:
+        major, minor = min(capabilities)
+        return [f"--precision {precision} needs GPUs of compute capability 8.0 or more (A100, H100, RTX 30xx/40xx); "
+                f"one here is {major}.{minor}, which emulates bf16 slowly: use --precision fp16 (or auto)"]
     return []
 
 
-def ds_config_for(options: RunOptions | None,
-                  values: dict[str, Any]) -> tuple[dict | None, dict | None, list[str]]:
+# Below this learning rate pure-bf16 loses most updates of typical weights (see pure_bf16_note).
+PURE_BF16_MIN_LR = 1e-4
+
+
+def pure_bf16_note(lr: float) -> str:
+    return (f"--precision pure-bf16 with --lr {lr:g}: a weight of 0.05 moves only once its accumulated updates "
+            "pass half a bf16 step (1.2e-4), so at this rate most updates never reach the forward pass (DPO then "
+            "learns nothing); --precision bf16 keeps fp32 weights and every update")
+
+
+def ds_config_for(options: RunOptions | None, values: dict[str, Any],
+                  devices: Devices | None) -> tuple[dict | None, dict | None, list[str]]:
     """(ds_config, template, problems); without valid options only the --ds-config file is checked."""
     try:
         if options is None:
@@ -145,7 +170,7 @@ def ds_config_for(options: RunOptions | None,
                 read_ds_config_file(values["ds_config"])
             return None, None, []
         template = load_template(options)
-        return build_ds_config(options, template), template, []
+        return build_ds_config(options, template, device=devices.kind if devices else "cuda"), template, []
     except OptionsError as err:
         return None, None, err.problems
     except UserError as err:
@@ -189,7 +214,10 @@ def training_command(command: str, summary: str) -> click.Command:
             nodes = node_rank_problems(node_rank, values.get("nnodes", LaunchOptions.nnodes), values.get("hostfile"))
             return ([problem] if problem else []) + nodes
 
-        run = resolve_run(ctx, command, config_path, extra_checks=run_folder_problems, dry_run=dry_run)
+        def launch_problems(values: dict[str, Any]) -> list[str]:  # and --report-to's packages, installed here
+            return run_folder_problems(values) + missing_tracker_problems(values.get("report_to"))
+
+        run = resolve_run(ctx, command, config_path, extra_checks=launch_problems, dry_run=dry_run)
         refused = resume_problems(run.options)  # before run.json is rewritten
         if refused:
             raise OptionsError(refused)
@@ -247,11 +275,20 @@ sft = training_command("sft", """Supervised fine-tuning on conversations: only a
       --gpus 0,1 --precision fp16 --micro-batch 8 --epochs 3
 """)
 
-dpo = training_command("dpo", """Direct Preference Optimization on prompt/chosen/rejected pairs.
+dpo = training_command("dpo", """Preference optimization on prompt/chosen/rejected pairs: DPO and its variants,
+or ORPO and SimPO without a reference model (--loss).
 
 \b
   dialogtrain dpo --model runs/support/final --data prefs.jsonl --output runs/support-dpo \\
       --beta 0.1 --loss sigmoid --gpus all --precision bf16
+""")
+
+kto = training_command("kto", """KTO on completions rated good or bad (prompt, completion, label: true|false), such as
+the ratings `dialogtrain chat --feedback` writes; chosen/rejected pairs count as one of each.
+
+\b
+  dialogtrain kto --model runs/support/final --data runs/support/feedback.jsonl --output runs/support-kto \\
+      --beta 0.1 --gpus all --precision bf16
 """)
 
 
@@ -286,15 +323,24 @@ ds_config_printer("config", hidden=True)
 @click.option("--cpu-memory", type=click.FloatRange(min=0, min_open=True), metavar="GiB",
               help="RAM of one node  [default: this machine's]")
 @click.option("--trust-remote-code", is_flag=True, help="run Python code shipped with the model's config")
+@click.option("--lora-r", type=click.IntRange(min=0), default=0, metavar="R",
+              help="plan LoRA of rank R (sft/dpo --lora-r): the adapters train, the base is frozen  [default: 0, "
+                   "full fine-tuning]")
+@click.option("--lora-targets", default=LoraOptions.lora_targets, metavar="all-linear|NAME,...",
+              help="the modules that get adapters (sft/dpo --lora-targets)  [default: all-linear]")
+@click.option("--load-in-4bit", is_flag=True, help="plan QLoRA: the frozen base's linear layers in 4 bits")
 def plan_command(model: str, gpus: int, nnodes: int, gpu_memory: float | None, cpu_memory: float | None,
-                 trust_remote_code: bool) -> None:
+                 trust_remote_code: bool, lora_r: int, lora_targets: str, load_in_4bit: bool) -> None:
     """Memory per GPU of every ZeRO stage and offload choice for MODEL on N GPUs x K nodes (DeepSpeed's
-    estimators), and the fastest choice that fits."""
+    estimators), and the fastest choice that fits; with --lora-r, for LoRA (or QLoRA) of MODEL."""
     from dialogtrain.plan import GiB, plan_report
 
+    lora = LoraOptions(lora_r=lora_r, lora_targets=lora_targets, load_in_4bit=load_in_4bit)
+    if lora.problems():
+        raise OptionsError(lora.problems())
     click.echo(plan_report(model, gpus, nnodes, gpu_bytes=int(gpu_memory * GiB) if gpu_memory else None,
                            cpu_bytes=int(cpu_memory * GiB) if cpu_memory else None,
-                           trust_remote_code=trust_remote_code))
+                           trust_remote_code=trust_remote_code, lora=lora))
 
 
 @cli.command()
@@ -322,21 +368,32 @@ def plan_command(model: str, gpus: int, nnodes: int, gpu_memory: float | None, c
               help="a second checkpoint answering every message beside the first")
 @click.option("--trust-remote-code", is_flag=True,
               help="run Python code shipped with the model (off: such a model is refused)")
+@click.option("--adapter", metavar="DIR", default=None,
+              help="a PEFT (LoRA) adapter folder, e.g. a LoRA run's final/adapter, loaded on top of CHECKPOINT "
+                   "(its base model) without merging")
+@click.option("--feedback", metavar="FILE", default=None,
+              help="append the ratings of /good, /bad (and /prefer with --compare) to FILE as rows `dialogtrain kto` "
+                   "and `dpo` train on  [default: feedback.jsonl in CHECKPOINT's run folder]")
 def chat(checkpoint: str, max_new_tokens: int, temperature: float, top_p: float, top_k: int,
          repetition_penalty: float, greedy: bool, seed: int | None, system: str | None, device: str,
-         dtype: str, prompt: str | None, compare: str | None, trust_remote_code: bool) -> None:
+         dtype: str, prompt: str | None, compare: str | None, trust_remote_code: bool, adapter: str | None,
+         feedback: str | None) -> None:
     """Chat with CHECKPOINT: a run folder (its final/), an exported Hugging Face folder, or a .gguf file.
 
-    Interactive on a terminal (replies stream; /help lists the commands; Ctrl-C stops a reply; exit,
-    quit or Ctrl-D leave); one reply line per input line when piped; one answer with --prompt.
+    Interactive on a terminal (replies stream; /help lists the commands; /good and /bad rate a reply into
+    --feedback; Ctrl-C stops a reply; exit, quit or Ctrl-D leave); one reply line per input line when piped;
+    one answer with --prompt.
     Loads safetensors weights only.
     """
-    from dialogtrain.chat import run_chat
+    from dialogtrain.chat.session import run_chat
 
     sys.exit(run_chat(checkpoint, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                       top_k=top_k, repetition_penalty=repetition_penalty, greedy=greedy, seed=seed,
                       system=system, device=device, dtype=dtype, prompt=prompt, compare=compare,
-                      trust_remote_code=trust_remote_code))
+                      trust_remote_code=trust_remote_code, adapter=adapter, feedback=feedback))
+
+
+cli.add_command(inspect_command)
 
 
 @cli.command("plot")

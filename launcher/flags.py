@@ -15,15 +15,23 @@ from typing import Any
 
 import click
 
+from dialogtrain.loss_facts import PREFERENCE_COMMANDS, preference_fields
 from dialogtrain.options import SECTIONS, flag
 
 OPTIONAL_VALUES = {"resume": "auto"}  # `--resume` alone means `--resume auto`
 
 
 def command_fields(command: str) -> list[dataclasses.Field]:
-    """The RunOptions fields `dialogtrain COMMAND` takes: dpo takes all, sft and config no DPO ones."""
-    return [f for section, klass in SECTIONS.items() if section != "dpo" or command == "dpo"
-            for f in dataclasses.fields(klass)]
+    """The RunOptions fields `dialogtrain COMMAND` takes: of the DPO section, those the losses of dpo (pairs) or
+    kto (rated completions) read (loss_facts.preference_fields), none for sft and config."""
+    return [f for section, klass in SECTIONS.items() for f in dataclasses.fields(klass)
+            if section != "dpo" or f.name in preference_fields(command)]
+
+
+def taken_by(name: str, command: str) -> str | None:
+    """The other preference command that takes option `name` (a field name), if `command` does not."""
+    return next((other for other in PREFERENCE_COMMANDS if other != command and name in preference_fields(other)
+                 and name not in preference_fields(command)), None)
 
 
 def base_type(f: dataclasses.Field) -> str:
@@ -124,8 +132,8 @@ def read_config_file(path: str, command: str) -> tuple[dict[str, Any], list[str]
 
 def unknown_option_message(typed: str, name: str, command: str) -> str:
     """"unknown key 'lrr' (did you mean lr?)", or why a real option does not apply to this command."""
-    if any(name == f.name for f in command_fields("dpo")):
-        return (f"unknown key {typed!r}: {flag(name)} is a dpo option, "
+    if taken_by(name, command):
+        return (f"unknown key {typed!r}: {flag(name)} is a {taken_by(name, command)} option, "
                 f"`dialogtrain {command}` does not take it")
     close = difflib.get_close_matches(name, [f.name for f in command_fields(command)], n=1)
     hint = f" (did you mean {close[0].replace('_', '-')}?)" if close else ""
@@ -140,8 +148,9 @@ def unknown_argument_problems(args: list[str], command: str, known_flags: list[s
             typed = arg.split("=", 1)[0]
             close = difflib.get_close_matches(typed, known_flags, n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
-            if any(typed == flag(f.name) for f in command_fields("dpo")):
-                hint = f" ({typed} is a dpo option, `dialogtrain {command}` does not take it)"
+            other = taken_by(typed.removeprefix("--").replace("-", "_"), command)
+            if other:
+                hint = f" ({typed} is a {other} option, `dialogtrain {command}` does not take it)"
             problems.append(f"unknown option {typed}{hint}")
             after_unknown_flag = "=" not in arg
         elif not after_unknown_flag:

@@ -13,6 +13,7 @@ from dialogtrain.options import RunOptions
 
 LAUNCH_FILES = ("run.json", "ds_config.json", "command.sh")
 RESULTS = ("checkpoints", "final", "metrics.jsonl")  # exist once a run has started training
+TRACKER_OUTPUTS = ("tensorboard", "mlruns", "wandb", "trackers.json")  # --report-to's, local
 
 
 def run_folder_problem(output: str, overwrite: bool, resume: str | None = None) -> str | None:
@@ -51,9 +52,10 @@ def unwritable_problem(run: Path) -> str | None:
 
 
 def clear_previous_run(run: Path) -> list[str]:
-    """For --overwrite: remove what an earlier run wrote in `run`; other files stay. Returns what went."""
+    """For --overwrite: remove what an earlier run wrote in `run` (its trackers' local files too, so a new
+    run does not mix with the old one's curves); other files stay. Returns what went."""
     removed = []
-    for name in (*RESULTS, *LAUNCH_FILES):
+    for name in (*RESULTS, *LAUNCH_FILES, *TRACKER_OUTPUTS):
         path = run / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)

@@ -67,10 +67,13 @@ def write_run_dir(run_dir: Path, command: str = "sft", world_size: int = 1, **fl
     from dialogtrain.options import RunOptions
     from launcher.ds_config import build_ds_config, load_template
 
-    options = RunOptions.from_flat(command, {"output": str(run_dir), **flat}, world_size=world_size)
+    # The launcher resolves --precision auto from the device; these runs pin it (fp32 unless given), so a
+    # test computes the same on every CPU.
+    options = RunOptions.from_flat(command, {"output": str(run_dir), "precision": "fp32", **flat},
+                                   world_size=world_size)
     run_dir.mkdir(parents=True, exist_ok=True)
     options.save(run_dir / "run.json")
-    (run_dir / "ds_config.json").write_text(json.dumps(build_ds_config(options, load_template(options)), indent=2))
+    (run_dir / "ds_config.json").write_text(json.dumps(build_ds_config(options, load_template(options), device="cpu"), indent=2))
     return run_dir / "run.json"
 
 

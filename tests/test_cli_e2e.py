@@ -46,7 +46,7 @@ def overfit_gpt2_run(tmp_path_factory, gpt2_dir):
     tmp = tmp_path_factory.mktemp("gpt2-cli")
     data = write_pairs_csv(tmp / "pairs.csv", FEW_PAIRS)
     run_dir = tmp / "run"
-    done = train(gpt2_dir, data, run_dir, "--eval-data", str(data), "--max-steps", "60", "--lr", "1e-2",
+    done = train(gpt2_dir, data, run_dir, "--eval-data", str(data), "--keep-overlap", "--max-steps", "60", "--lr", "1e-2",
                  "--warmup-steps", "5", "--eval-every", "30")
     return run_dir, done
 
@@ -87,6 +87,7 @@ def test_chat_reproduces_a_training_reply_greedily(overfit_gpt2_run):
     assert len(piped.stdout.splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_llama_with_a_chat_template_on_messages_jsonl(llama_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -129,7 +130,9 @@ BAD_INPUTS = {
 }
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
+# One case runs by default; the others are the same path with another message (slow: a process each).
+@pytest.mark.parametrize("case", [case if i == 0 else pytest.param(case, marks=pytest.mark.slow)
+                                  for i, case in enumerate(BAD_INPUTS)])
 def test_bad_input_through_the_cli_names_file_row_and_field(case, gpt2_dir, tmp_path):
     name, content, expected = BAD_INPUTS[case]
     data = write(tmp_path / name, content)
@@ -157,6 +160,7 @@ def test_run_json_holds_every_resolved_option(overfit_gpt2_run):
     assert options["launch"]["gpus"] == "cpu" and options["world_size"] == 1
 
 
+@pytest.mark.slow
 def test_seed_dpo_workflow_user_assistant_prompts_on_orca_pairs(gpt2_dir, tmp_path):
     """The second workflow, on CPU: a GPT-2 chat model in the "user: ... / assistant: ..." format (made
     here by SFT with --chat-template user-assistant), then DPO on Intel/orca_dpo_pairs-schema rows with

@@ -16,6 +16,7 @@ import pytest
 from click.testing import CliRunner
 
 from dialogtrain.errors import UserError
+from dialogtrain.hardware import auto_precision
 from dialogtrain.options import SECTIONS, RunOptions
 from launcher.cli import cli
 from launcher.devices import FAKE_GPUS_ENV, parse_gpu_ids, read_hostfile, resolve_devices, visible_gpus
@@ -85,8 +86,10 @@ def test_dpo_takes_its_own_flags(tmp_path):
     assert result.exit_code == 0, result.output
     assert '"beta": 0.5' in result.output and '"ref_model": "r"' in result.output
     assert "-m dialogtrain.dpo" in result.output
-    bad_loss = invoke("dpo", "--model", "m", "--data", "p", "--output", "r", "--loss", "kto", "--dry-run")
-    assert_refused(bad_loss, "--loss must be one of sigmoid|ipo|hinge, got 'kto'")
+    bad_loss = invoke("dpo", "--model", "m", "--data", "p", "--output", "r", "--loss", "dpop", "--dry-run")
+    assert_refused(bad_loss, "--loss must be one of sigmoid|ipo|hinge|orpo|simpo, got 'dpop'")
+    unpaired = invoke("dpo", "--model", "m", "--data", "p", "--output", "r", "--loss", "kto", "--dry-run")
+    assert_refused(unpaired, "--loss kto learns from completions rated good or bad: run `dialogtrain kto`")
 
 
 # --- devices and the launch command -----------------------------------------------------------------
@@ -97,7 +100,8 @@ def test_dry_run_on_chosen_gpus(tmp_path):
                               "--dry-run"), gpus=4)
     assert result.exit_code == 0, result.output
     command = exec_line(dry_run_sections(result.stdout)["command.sh"])
-    assert command == (f"CUDA_VISIBLE_DEVICES=0,2 PYTHONUNBUFFERED=1 exec {sys.executable} -m dialogtrain.torchrun "
+    assert command == (f"CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=0,2 PYTHONUNBUFFERED=1 exec {sys.executable} "
+                       f"-m dialogtrain.torchrun "
                        f"--nnodes 1 --node-rank 0 --nproc-per-node 2 --master-addr 127.0.0.1 --master-port 29555 "
                        f"--max-restarts 0 -m dialogtrain.sft {run_dir.resolve() / 'run.json'}")
     assert "global batch 8 = micro-batch 4 x grad-accum 1 x 2 processes" in result.output
@@ -146,7 +150,8 @@ def test_several_gpu_ids_are_shown_on_a_machine_without_gpus_in_a_dry_run_only(t
     assert ("note: --gpus 0,2: no GPU here to check these ids against (nvidia-smi lists none); the command is "
             "shown as it runs on a machine that has them") in result.output
     command = exec_line(dry_run_sections(result.stdout)["command.sh"])
-    assert command.startswith("CUDA_VISIBLE_DEVICES=0,2 PYTHONUNBUFFERED=1 exec ") and "--nproc-per-node 2 " in command
+    assert command.startswith("CUDA_DEVICE_ORDER=PCI_BUS_ID CUDA_VISIBLE_DEVICES=0,2 PYTHONUNBUFFERED=1 exec ")
+    assert "--nproc-per-node 2 " in command
     assert "global batch 8 = micro-batch 4 x grad-accum 1 x 2 processes" in result.output
     assert not run_dir.exists()
     refused = invoke(*sft_args(run_dir, "--gpus", "0,2"), gpus=0)
@@ -325,7 +330,8 @@ def test_hostfile_with_gpus_leaves_the_devices_to_each_host(tmp_path):
                     gpus=0)  # the launching machine needs no GPU of its own
     assert result.exit_code == 0, result.output
     command = exec_line(dry_run_sections(result.stdout)["command.sh"])
-    assert command.startswith("PYTHONUNBUFFERED=1 DS_ENV_FILE=")  # each host's slots set its CUDA_VISIBLE_DEVICES
+    # each host's slots set its CUDA_VISIBLE_DEVICES
+    assert command.startswith("CUDA_DEVICE_ORDER=PCI_BUS_ID PYTHONUNBUFFERED=1 DS_ENV_FILE=")
     assert f" exec {sys.executable} -m deepspeed.launcher.runner " in command
     assert '"world_size": 16' in result.stdout
 
@@ -352,7 +358,8 @@ def test_config_file_may_be_json(tmp_path):
     config = tmp_path / "run.json"
     config.write_text(json.dumps({"precision": "bf16", "grad_clip": 0.25, "gpus": "cpu"}))
     ds_config = printed_ds_config(invoke("config", "--config", str(config)))
-    assert ds_config["bf16"] == {"enabled": True} and ds_config["gradient_clipping"] == 0.25
+    assert ds_config["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}  # bf16: mixed precision
+    assert ds_config["gradient_clipping"] == 0.25
 
 
 def test_unknown_config_keys_are_errors_naming_the_key(tmp_path):
@@ -411,11 +418,11 @@ def test_run_folder_is_written_and_the_exit_code_is_the_workers(tmp_path, fake_w
     assert result.exit_code == 3, result.output
     options = RunOptions.load(run_dir / "run.json")
     flat = {"model": "m", "data": "d.csv", "output": str(run_dir), "gpus": "cpu", "micro_batch": 2,
-            "lr": 1e-4}
+            "lr": 1e-4, "precision": auto_precision("cpu", None)[0]}  # run.json holds auto resolved
     expected = RunOptions.from_flat("sft", flat, world_size=1)
     assert options == expected
     written = json.loads((run_dir / "ds_config.json").read_text())
-    assert written == build_ds_config(expected, load_template(expected))
+    assert written == build_ds_config(expected, load_template(expected), device="cpu")
     script = run_dir / "command.sh"
     assert script.stat().st_mode & stat.S_IXUSR
     assert script.read_text().startswith("#!/usr/bin/env bash\n")
@@ -453,13 +460,13 @@ def test_chat_passes_its_options_and_exits_with_the_code_of_run_chat(monkeypatch
         calls.append((checkpoint, settings))
         return 5
 
-    fake_module(monkeypatch, "dialogtrain.chat", run_chat=run_chat)
+    fake_module(monkeypatch, "dialogtrain.chat.session", run_chat=run_chat)
     result = invoke("chat", "runs/a/final", "--greedy", "--seed", "1", "--compare", "runs/b/final")
     assert result.exit_code == 5, result.output
     assert calls == [("runs/a/final", dict(max_new_tokens=256, temperature=0.7, top_p=0.9, top_k=50,
                                            repetition_penalty=1.0, greedy=True, seed=1, system=None,
                                            device="auto", dtype="auto", prompt=None, compare="runs/b/final",
-                                           trust_remote_code=False))]
+                                           trust_remote_code=False, adapter=None, feedback=None))]
 
 
 def test_a_user_error_is_one_line_and_exit_code_2(monkeypatch):
@@ -484,8 +491,10 @@ def test_import_gguf_prints_the_folder(monkeypatch, tmp_path):
 def test_every_option_field_is_a_flag_with_help():
     all_fields = {f.name for klass in SECTIONS.values() for f in dataclasses.fields(klass)}
     assert all(f.metadata["help"] for klass in SECTIONS.values() for f in dataclasses.fields(klass))
-    assert {f.name for f in command_fields("dpo")} == all_fields
+    kto_only = {"kto_desirable_weight", "kto_undesirable_weight"}
+    assert {f.name for f in command_fields("dpo")} == all_fields - kto_only
     dpo_only = {f.name for f in dataclasses.fields(SECTIONS["dpo"])}
+    assert {f.name for f in command_fields("kto")} == all_fields - dpo_only | {"ref_model", "beta"} | kto_only
     assert {f.name for f in command_fields("sft")} == all_fields - dpo_only
     sft_flags = {opt for param in cli.commands["sft"].params for opt in param.opts}
     assert {"--micro-batch", "--grad-accum", "--ds-config", "--config", "--dry-run"} <= sft_flags
@@ -525,3 +534,16 @@ def test_end_to_end_dry_run_and_refusal_in_a_real_process(tmp_path):
     assert refused.returncode == 2
     assert refused.stderr.startswith("error: invalid options:") and "Traceback" not in refused.stderr
     assert len(refused.stderr.splitlines()) == 3  # the header and two problems
+
+
+def test_overwrite_removes_the_earlier_runs_results_and_tracker_files_only(tmp_path):
+    from launcher.run_dir import clear_previous_run
+
+    for name in ("checkpoints/step-000002", "final", "tensorboard", "mlruns/0", "wandb"):
+        (tmp_path / name).mkdir(parents=True)
+    for name in ("metrics.jsonl", "run.json", "trackers.json", "notes.txt"):
+        (tmp_path / name).write_text("x")
+    removed = clear_previous_run(tmp_path)
+    assert removed == ["checkpoints", "final", "metrics.jsonl", "run.json", "tensorboard", "mlruns", "wandb",
+                       "trackers.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

@@ -125,7 +125,7 @@ def test_single_device_fallback_trains_on_the_cpu(reference):
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")] == [1, 2]
 
 
-@pytest.mark.parametrize("zero", [1, 2, 3])
+@pytest.mark.parametrize("zero", [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3])
 def test_two_processes_under_zero_export_the_single_process_weights(zero, setup, reference):
     run_dir = setup.root / f"zero{zero}"
     done = succeeded(dialogtrain(*train_args(setup, run_dir, "--gpus", "cpu", "--nproc", "2", "--zero", str(zero),
@@ -148,6 +148,7 @@ def test_zero3_export_keeps_the_embeddings_tied(setup, reference):
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith("final")) == ["final"]  # no leftovers
 
 
+@pytest.mark.slow
 def test_two_nodes_on_one_machine_form_one_world(setup, reference):
     """Two launches of the same command but --node-rank, started together, writing one --output."""
     run_dir, port = setup.root / "two-nodes", str(free_port())

@@ -66,8 +66,8 @@ def test_export_loads_in_plain_transformers_with_the_engines_logits(gpt2_dir, tm
 def test_loss_falls_and_metrics_are_logged(llama_dir, tmp_path):
     data = write_messages_jsonl(tmp_path / "chats.jsonl")
     run_dir = tmp_path / "run"
-    run_json = write_run_dir(run_dir, model=str(llama_dir), data=str(data), eval_data=str(data), micro_batch=4,
-                             max_steps=12, eval_every=6, lr=1e-2, precision="fp32", gpus="cpu")
+    run_json = write_run_dir(run_dir, model=str(llama_dir), data=str(data), eval_data=str(data), keep_overlap=True,
+                             micro_batch=4, max_steps=12, eval_every=6, lr=1e-2, precision="fp32", gpus="cpu")
     train_in_process(run_json)
     records = read_metrics(run_dir / "metrics.jsonl")
     steps = [r for r in records if "loss" in r]

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from dialogtrain.errors import TrainingError, UserError, first_line
 from dialogtrain.options import RunOptions
 from dialogtrain.train.faults import FILE_WRITTEN, STEP_DONE, fault_point
+from dialogtrain.train.lora import is_peft_model, save_adapter_config
 from dialogtrain.train.metrics import trim_metrics
 from dialogtrain.train.resume import (
     CHECKPOINTS,
@@ -105,19 +106,23 @@ class Checkpoints:
     def check_space(self, model) -> None:
         """Refuse to start when the run folder cannot hold a checkpoint and the final export.
 
-        Bytes per parameter: the weights (4 in fp32, 2 in bf16/fp16) and Adam's two fp32 moments (8), plus
-        an fp32 master copy (4) under ZeRO or mixed precision; the final export holds the weights only.
+        Bytes per trained parameter of a checkpoint (LoRA: the adapters only): the weights (4; 2 in
+        pure-bf16) and Adam's two fp32 moments (8), plus an fp32 master copy (4) under ZeRO 1-2 or pure bf16;
+        the final export holds every weight once, in the export dtype (2 for bf16/fp16 runs, else 4).
         """
-        params = sum(p.numel() for p in model.parameters())
-        weight_bytes = 4 if self.options.optim.precision == "fp32" else 2
-        master = 4 if self.options.optim.zero > 0 or self.options.optim.precision != "fp32" else 0
+        optim = self.options.optim
+        params = sum(full_size(p) for p in model.parameters())
+        trained = sum(full_size(p) for p in model.parameters() if p.requires_grad)  # LoRA: the adapters only
+        weight_bytes = 2 if optim.precision == "pure-bf16" else 4
+        master = 4 if optim.zero in (1, 2) or optim.precision == "pure-bf16" else 0
         per_param = weight_bytes + 8 + master if self.options.schedule.save_every else 0
-        need = params * (per_param + weight_bytes)
+        export_bytes = 4 if optim.export_dtype == "float32" else 2
+        need = trained * per_param + params * export_bytes
         free = free_bytes(self.run_dir)
         if free < need:
-            what = (f"a checkpoint ({params:,} parameters x {per_param} bytes) and the final export "
-                    f"({weight_bytes} bytes each)" if per_param else
-                    f"the final export ({params:,} parameters x {weight_bytes} bytes)")
+            what = (f"a checkpoint ({trained:,} parameters x {per_param} bytes) and the final export "
+                    f"({export_bytes} bytes each)" if per_param else
+                    f"the final export ({params:,} parameters x {export_bytes} bytes)")
             raise UserError(f"--output {self.run_dir}: {gigabytes(free)} free, but {what} need about "
                             f"{gigabytes(need)}; free some space or choose another --output")
 
@@ -171,7 +176,9 @@ class Checkpoints:
 
         try:
             with reporting_files(engine, after_file):
-                engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=UNIVERSAL_INFO, save_latest=False)
+                # LoRA: the trainable weights only; the frozen base is --model's, loaded again on resume
+                engine.save_checkpoint(str(self.root), tag=tmp.name, client_state=UNIVERSAL_INFO, save_latest=False,
+                                       exclude_frozen_parameters=self.options.lora.enabled)
             written.append(save_rng_state(tmp, self.world.rank))
             if self.world.is_main:
                 written += save_export_files(engine.module, tokenizer, tmp / HF_FILES)
@@ -207,12 +214,16 @@ class Checkpoints:
     def progress_record(self, engine, progress: Progress, files: dict[str, dict]) -> dict[str, Any]:
         import deepspeed
 
-        dtype = next(engine.module.parameters()).dtype
         return {"format": FORMAT, **dataclasses.asdict(progress), "command": self.options.command,
                 "world_size": self.world.size, "zero": self.options.optim.zero,
-                "dtype": str(dtype).removeprefix("torch."), "skipped_steps": engine.skipped_steps,
+                "dtype": self.options.optim.export_dtype, "skipped_steps": engine.skipped_steps,
                 "data_fingerprints": self.fingerprints, "run_hash": run_hash(self.options),
                 "options": training_options(self.options), "deepspeed": deepspeed.__version__, "files": files}
+
+
+def full_size(parameter) -> int:
+    """A parameter's element count, also when ZeRO-3 partitioned it as it loaded (its `ds_numel`)."""
+    return getattr(parameter, "ds_numel", parameter.numel())
 
 
 def gigabytes(n: float) -> str:
@@ -257,11 +268,13 @@ def reporting_files(engine, after_file: Callable[[str], None]) -> Iterator[None]
 
 
 def save_export_files(model, tokenizer, folder: Path) -> list[str]:
-    """What `dialogtrain export` needs beside the weights: config, generation config, tokenizer."""
+    """What `dialogtrain export` needs beside the weights: config, generation config, tokenizer (and a LoRA
+    run's adapter_config.json, in adapter/)."""
     model.config.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-    return [str(p) for p in folder.iterdir()]
+    written = save_adapter_config(model, folder)
+    return [str(p) for p in folder.iterdir() if p.is_file()] + written
 
 
 def write_json(path: Path, value: dict) -> str:
@@ -336,7 +349,9 @@ def load_deepspeed_checkpoint(engine, resume: ResumePoint, world: World) -> None
                 load_dir, tag = resume.folder, universal_checkpoint(resume.folder, world).name
             else:
                 load_dir, tag = resume.folder.parent, resume.folder.name
-            loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_module_strict=True)
+            # LoRA: the checkpoint lacks the frozen base weights, which the engine already holds
+            loaded, _ = engine.load_checkpoint(str(load_dir), tag=tag,
+                                               load_module_strict=not is_peft_model(engine.module))
     except pickle.UnpicklingError as err:
         raise UserError(f"{resume.folder}: refusing to load it: a file holds Python objects that are neither "
                         f"tensors nor DeepSpeed's own checkpoint state ({first_line(err)})") from None

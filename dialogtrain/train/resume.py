@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from dialogtrain.errors import UserError, first_line
+from dialogtrain.loss_facts import PREFERENCE_COMMANDS
 from dialogtrain.options import SECTIONS, RunOptions, flag
 
 CHECKPOINTS = "checkpoints"
@@ -42,9 +43,10 @@ RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"
 # Options that may differ between a checkpoint and the run resuming from it: where and how the run is
 # launched (the whole launch section, the number of processes), how the global batch is split into
 # micro-batches and accumulation (the global batch itself must stay), laid out in tensors (packed or
-# padded) and whether activations are recomputed, and what is logged, evaluated and kept.
+# padded) and whether activations are recomputed, and what is logged (and to which trackers, under which
+# run name), evaluated (--keep-overlap: which eval examples count) and kept.
 FREE_ON_RESUME = {"micro_batch", "grad_accum", "packing", "gradient_checkpointing", "log_every", "eval_every",
-                  "save_every", "keep_last"}
+                  "save_every", "keep_last", "export_fp32", "report_to", "run_name", "keep_overlap"}
 
 
 @dataclass(frozen=True)
@@ -263,7 +265,7 @@ def training_options(options: RunOptions) -> dict[str, Any]:
     and FREE_ON_RESUME, plus the global batch."""
     values: dict[str, Any] = {"global_batch": options.global_batch}
     for section in SECTIONS:
-        if section == "launch" or (section == "dpo" and options.command != "dpo"):
+        if section == "launch" or (section == "dpo" and options.command not in PREFERENCE_COMMANDS):
             continue
         values.update({name: value for name, value in dataclasses.asdict(getattr(options, section)).items()
                        if name not in FREE_ON_RESUME})
@@ -276,9 +278,9 @@ def run_hash(options: RunOptions) -> str:
 
 
 def data_fingerprints(options: RunOptions) -> dict[str, str]:
-    from dialogtrain.data.sources import data_fingerprint
+    from dialogtrain.data.mixture import sources_fingerprint
 
-    return {name: data_fingerprint(source) if source else ""
+    return {name: sources_fingerprint(source) if source else ""
             for name, source in (("data", options.data.data), ("eval_data", options.data.eval_data))}
 
 
