@@ -246,6 +246,19 @@ GROUPS = {"startup": measure_startup, "sft": measure_sft, "dpo": measure_dpo, "m
           "precision": mixed_precision.measure, "trl_packed": trl_packed.measure, "host_memory": host_memory.measure}
 
 
+# A results.json written before the groups were recorded: the groups whose results it holds, dated by its header.
+LEGACY_GROUP_KEYS = {"startup": "startup", "sft": "ours_sft", "dpo": "ours_dpo", "memory": "memory_zero0"}
+
+
+def legacy_measured(previous: dict | None) -> dict:
+    if not previous:
+        return {}
+    head = previous["header"]
+    return {group: {"date": head["date"], "machine": head["machine"], "precision": head["precision"],
+                    "load_average": head.get("load_average")}
+            for group, key in LEGACY_GROUP_KEYS.items() if key in previous["results"]}
+
+
 def run(plan: Plan, model: str, out: Path, asked_precision: str, quick: bool, default_workload: bool,
         groups: list[str], previous: dict | None = None) -> dict:
     import deepspeed
@@ -261,7 +274,7 @@ def run(plan: Plan, model: str, out: Path, asked_precision: str, quick: bool, de
     data = write_workload(out / "data", plan.sft_held_out, plan.dpo_steps * plan.micro_batch, plan.dpo_held_out)
     ctx = Context(plan, model, data, precision, peaks, out, quick, default_workload)
     r: dict = dict(previous["results"]) if previous else {}
-    measured = dict(r.get("measured", {}))
+    measured = dict(r.get("measured", {})) or legacy_measured(previous)
     for name in groups:
         progress(f"group {name}")
         GROUPS[name](ctx, r)

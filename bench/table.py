@@ -121,7 +121,7 @@ def build_rows(r: dict, plan: Plan) -> list[dict]:
 
 def markdown(result: dict) -> str:
     head, measured = result["header"], result["results"].get("measured", {})
-    earlier = [f"{group} ({when['date']}, {when['precision']})" for group, when in measured.items()
+    earlier = [f"{group} ({when['date']} on {when['machine']}, {when['precision']})" for group, when in measured.items()
                if group not in head.get("groups", measured)]
     lines = [f"{head['mode']} run of {head['date']} on {head['machine']}; {head['model']}, chatterbot English, "
              f"{head['precision']} ({head['precision_why']}), max_length {head['max_length']}, micro-batch "
