@@ -175,6 +175,29 @@ def test_ctrl_c_as_the_prompt_returns_is_never_lost(llama_dir, tmp_path):
     assert child.exitstatus == 0, child.before
 
 
+def test_ctrl_c_reaches_a_chat_started_with_sigint_and_sigalrm_blocked(llama_dir, tmp_path):
+    """A process inherits its parent's blocked signals; chat unblocks the two it lives on, so a Ctrl-C
+    both stops a reply and is answered at the prompt."""
+    pexpect = pytest.importorskip("pexpect")
+    blocked = "import signal; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGALRM})\n"
+    child = spawn_chat(pexpect, llama_dir, tmp_path, prelude=blocked + IDLE_AFTER_PROMPT)
+    try:
+        child.expect_exact("you> ")
+        for _ in range(3):
+            child.sendline("tell me a joke please")
+            child.expect_exact("bot> ")
+            child.expect(r"\S")
+            child.sendintr()
+            child.expect_exact(" [stopped]\r\nyou> ", timeout=20)
+            child.sendintr()
+            child.expect_exact("(Ctrl-D or exit to leave)\r\nyou> ", timeout=20)
+        child.sendline("exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.before
+
+
 def test_piped_stdin_prints_one_line_per_message_and_nothing_else(llama_dir, llama):
     """A real pipe into `python -m launcher.cli chat`: stdout holds exactly the replies, one line each; a blank
     line answers a blank line; exit stops reading."""

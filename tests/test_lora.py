@@ -393,17 +393,26 @@ def test_plan_counts_the_adapters_and_the_frozen_base(llama_dir, tmp_path):
 # QLoRA
 
 
-def test_load_in_4bit_without_bitsandbytes_or_on_an_unsupported_device_names_the_package(monkeypatch):
+QLORA_OPTIONS = RunOptions(lora=LoraOptions(lora_r=R, load_in_4bit=True), optim=OptimOptions(precision="fp32"))
+
+
+def test_load_in_4bit_without_bitsandbytes_names_the_package(monkeypatch):
     from dialogtrain.train.lora import quantization_args
 
-    options = RunOptions(lora=LoraOptions(lora_r=R, load_in_4bit=True), optim=OptimOptions(precision="fp32"))
     assert quantization_args(RunOptions(lora=LoraOptions(lora_r=R)), "cpu") is None
-    with pytest.raises(UserError, match=r"cannot run 4-bit layers on meta"):
-        quantization_args(options, "meta")
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # `import bitsandbytes` fails
     with pytest.raises(UserError, match=r"--load-in-4bit needs bitsandbytes, which is not installed .*"
                                         r"pip install 'dialogtrain\[qlora\]'"):
-        quantization_args(options, "cpu")
+        quantization_args(QLORA_OPTIONS, "cpu")
+
+
+def test_load_in_4bit_on_a_device_bitsandbytes_cannot_run_says_so():
+    pytest.importorskip("bitsandbytes")  # the test extra installs it; `pip install 'dialogtrain[qlora]'`
+    from dialogtrain.train.lora import quantization_args
+
+    with pytest.raises(UserError, match=r"bitsandbytes \S+ cannot run 4-bit layers on meta .*"
+                                        r"run without --load-in-4bit"):
+        quantization_args(QLORA_OPTIONS, "meta")
 
 
 def qlora_run(model_dir: Path, tmp_path: Path, gpus: str, precision: str) -> tuple:

@@ -161,6 +161,9 @@ def chat_session(bots: list[Bot], sampling: Sampling, out: TextIO | None = None,
         import readline  # noqa: F401  (importing it gives input() line editing and history)
     except ImportError:
         pass
+    if hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread():
+        # a process inherits its blocked signals from whoever started it: blocked, Ctrl-C never reaches us
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGALRM})
     names = ", ".join(bot.name for bot in bots)
     out.write(f"chatting with {names}; /help for commands, exit or Ctrl-D to leave\n")
     while True:
