@@ -151,39 +151,13 @@ def test_real_terminal_session(llama_dir, llama, tmp_path):
     assert child.exitstatus == 0, child.before
 
 
-def test_ctrl_c_as_the_prompt_returns_is_never_lost(llama_dir, tmp_path):
-    """Stop a reply with Ctrl-C, then press Ctrl-C again the moment the prompt is back, 25 times: every
-    second Ctrl-C is answered at once, none waits for a key press (each lands in readline's idle moment
-    between drawing the prompt and waiting for a key, see IDLE_AFTER_PROMPT)."""
-    pexpect = pytest.importorskip("pexpect")
-    child = spawn_chat(pexpect, llama_dir, tmp_path, prelude=IDLE_AFTER_PROMPT)
+def stop_replies_then_ctrl_c_at_the_prompt(pexpect, child, times: int) -> None:
+    """Stop a reply with Ctrl-C, then press Ctrl-C again the moment the prompt is back, `times` times;
+    then leave. Each second Ctrl-C must be answered at the prompt's next wake-up (50 ms): lost, it would
+    wait for a key press (TIMEOUT)."""
     try:
         child.expect_exact("you> ")
-        for _ in range(25):
-            child.sendline("tell me a joke please")
-            child.expect_exact("bot> ")
-            child.expect(r"\S")
-            child.sendintr()
-            child.expect_exact(" [stopped]\r\nyou> ")
-            child.sendintr()
-            # answered at the prompt's next wake-up (50 ms); lost, it would wait for a key press: TIMEOUT
-            child.expect_exact("(Ctrl-D or exit to leave)\r\nyou> ", timeout=20)
-        child.sendline("exit")
-        child.expect(pexpect.EOF)
-    finally:
-        child.close()
-    assert child.exitstatus == 0, child.before
-
-
-def test_ctrl_c_reaches_a_chat_started_with_sigint_and_sigalrm_blocked(llama_dir, tmp_path):
-    """A process inherits its parent's blocked signals; chat unblocks the two it lives on, so a Ctrl-C
-    both stops a reply and is answered at the prompt."""
-    pexpect = pytest.importorskip("pexpect")
-    blocked = "import signal; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGALRM})\n"
-    child = spawn_chat(pexpect, llama_dir, tmp_path, prelude=blocked + IDLE_AFTER_PROMPT)
-    try:
-        child.expect_exact("you> ")
-        for _ in range(3):
+        for _ in range(times):
             child.sendline("tell me a joke please")
             child.expect_exact("bot> ")
             child.expect(r"\S")
@@ -196,6 +170,30 @@ def test_ctrl_c_reaches_a_chat_started_with_sigint_and_sigalrm_blocked(llama_dir
     finally:
         child.close()
     assert child.exitstatus == 0, child.before
+
+
+def test_ctrl_c_as_the_prompt_returns_is_never_lost(llama_dir, tmp_path):
+    """25 times: every second Ctrl-C is answered at once, none waits for a key press (each lands in
+    readline's idle moment between drawing the prompt and waiting for a key, see IDLE_AFTER_PROMPT)."""
+    pexpect = pytest.importorskip("pexpect")
+    child = spawn_chat(pexpect, llama_dir, tmp_path, prelude=IDLE_AFTER_PROMPT)
+    stop_replies_then_ctrl_c_at_the_prompt(pexpect, child, times=25)
+
+
+# What a chat may inherit from whoever started it: SIGINT ignored (a shell without job control starts
+# background commands so, `dialogtrain chat ... &` in a script; Python then installs no Ctrl-C handler),
+# or SIGINT and SIGALRM blocked.
+INHERITED = {"sigint-ignored": "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)\n",
+             "blocked": "import signal; signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGALRM})\n"}
+
+
+@pytest.mark.parametrize("inherited", INHERITED)
+def test_ctrl_c_reaches_a_chat_that_inherited_it_ignored_or_blocked(llama_dir, tmp_path, inherited):
+    """Chat restores the two signals it lives on, so a Ctrl-C both stops a reply and is answered at the
+    prompt."""
+    pexpect = pytest.importorskip("pexpect")
+    child = spawn_chat(pexpect, llama_dir, tmp_path, prelude=INHERITED[inherited] + IDLE_AFTER_PROMPT)
+    stop_replies_then_ctrl_c_at_the_prompt(pexpect, child, times=3)
 
 
 def test_piped_stdin_prints_one_line_per_message_and_nothing_else(llama_dir, llama):

@@ -153,6 +153,17 @@ def ctrl_c_reaches_input(period_s: float = PROMPT_WAKE_S) -> Iterator[None]:
         signal.signal(signal.SIGALRM, previous)  # ...and handled here, by the do-nothing handler, first
 
 
+def answer_ctrl_c() -> None:
+    """Make Ctrl-C raise KeyboardInterrupt here, whatever this process inherited from whoever started it:
+    a program started in the background by a shell without job control (`dialogtrain chat ... &` in a
+    script) has SIGINT ignored, and Python then installs no handler; blocked signals are inherited too.
+    Either way a Ctrl-C at the prompt would never arrive. Main thread only."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGALRM})
+
+
 def chat_session(bots: list[Bot], sampling: Sampling, out: TextIO | None = None,
                  feedback: Feedback | None = None) -> int:
     """The interactive loop on a terminal: "you> " prompt, streamed "bot> " (or "[name] ") replies, commands."""
@@ -161,9 +172,8 @@ def chat_session(bots: list[Bot], sampling: Sampling, out: TextIO | None = None,
         import readline  # noqa: F401  (importing it gives input() line editing and history)
     except ImportError:
         pass
-    if hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread():
-        # a process inherits its blocked signals from whoever started it: blocked, Ctrl-C never reaches us
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGALRM})
+    if threading.current_thread() is threading.main_thread():
+        answer_ctrl_c()
     names = ", ".join(bot.name for bot in bots)
     out.write(f"chatting with {names}; /help for commands, exit or Ctrl-D to leave\n")
     while True:
