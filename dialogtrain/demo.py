@@ -5,9 +5,10 @@ folder) is fine-tuned on the chatterbot-corpus English conversations on CPU thro
 (`dialogtrain sft`), exported, and then the base and the fine-tuned model answer a few held-out
 prompts side by side, greedily.
 
-The precision is bf16 where the CPU computes it natively (AMX or AVX512-BF16), else fp32: without
-those instructions bf16 is emulated and about 50x slower than fp32. The default step count keeps the
-run to a few minutes either way.
+The precision is bf16 where the CPU has native bf16 (AMX or AVX512-BF16) and its bf16 matmuls measure at
+least as fast as fp32 (as the bench decides), else fp32: without those instructions bf16 is emulated
+and about 50x slower than fp32, and one AVX512-BF16 Xeon without AMX measured bf16 at half fp32's rate.
+The default step count keeps the run to a few minutes either way.
 
     python -m dialogtrain.demo [--out demo-run] [--max-steps N] [--held-out 6]
 """
@@ -77,17 +78,30 @@ def print_side_by_side(prompts: list[str], references: list[str], before: list[s
 DEFAULT_STEPS = {"bf16": (120, 8), "fp32": (24, 4)}
 
 
+def demo_precision() -> tuple[str, str]:
+    """(precision, why): bf16 where the CPU has native bf16 and a bf16 matmul measures at least as fast as
+    an fp32 one here (two probes of under a second), else fp32."""
+    from dialogtrain.hardware import cpu_has_native_bf16
+
+    if not cpu_has_native_bf16():
+        return "fp32", "this CPU has no native bf16 (no AMX or AVX512-BF16)"
+    from dialogtrain.train.mfu import matmul_peak_flops
+
+    fp32, bf16 = (matmul_peak_flops(p, "cpu") / 1e9 for p in ("fp32", "bf16"))
+    if bf16 >= fp32:
+        return "bf16", f"native bf16, matmuls measured {bf16:.0f} GFLOP/s against fp32's {fp32:.0f}"
+    return "fp32", f"bf16 matmuls measured slower than fp32 on this CPU ({bf16:.0f} against {fp32:.0f} GFLOP/s)"
+
+
 def run_demo(out: Path, max_steps: int | None, held_out: int) -> None:
     from dialogtrain.data.load import load_conversations
     from dialogtrain.export.gguf import resolve_model, smollm2_gguf_path
-    from dialogtrain.hardware import fastest_cpu_precision
 
     started = time.perf_counter()
-    precision = fastest_cpu_precision()
+    precision, why = demo_precision()
     default_steps, micro_batch = DEFAULT_STEPS[precision]
     max_steps = max_steps or default_steps
-    print(f"precision: {precision} ({'native bf16 on this CPU' if precision == 'bf16' else 'this CPU has no native bf16'})"
-          f", {max_steps} steps", flush=True)
+    print(f"precision: {precision} ({why}), {max_steps} steps", flush=True)
     base = resolve_model(str(smollm2_gguf_path()))
     print(f"base model: {base}", flush=True)
     # The corpus has one malformed row (trivia.yml): the demo drops it, as --skip-bad-rows would.

@@ -26,11 +26,6 @@ def cpu_has_native_bf16(flags: set[str] | None = None) -> bool:
     return any(flag in flags for flag in NATIVE_BF16_FLAGS)
 
 
-def fastest_cpu_precision() -> str:
-    """bf16 where the CPU computes it natively (AMX, AVX512-BF16), else fp32."""
-    return "bf16" if cpu_has_native_bf16() else "fp32"
-
-
 SLOW_BF16_NOTE = ("--precision bf16: this CPU has no AMX or AVX512-BF16, so bf16 is emulated and far slower "
                   "than fp32 here (about 50x on an AVX2 CPU); --precision fp32 is faster")
 
