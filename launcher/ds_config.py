@@ -105,7 +105,7 @@ def build_ds_config(options: RunOptions, template: dict, *, device: str) -> dict
         **precision_sections(template, optim.precision),
         "zero_optimization": zero_optimization,
         "gradient_clipping": optim.grad_clip,
-        "optimizer": optimizer_section(template.get("optimizer", {}), options, device),
+        "optimizer": optimizer_section(template.get("optimizer", {}), options),
         "steps_per_print": template.get("steps_per_print", STEPS_PER_PRINT_NEVER),
         "wall_clock_breakdown": template.get("wall_clock_breakdown", False),
     }
@@ -177,12 +177,15 @@ def zero_section(template_zero: dict, options: RunOptions, device: str) -> tuple
     return section, problems
 
 
-def optimizer_section(template_optimizer: dict, options: RunOptions, device: str) -> dict:
+def optimizer_section(template_optimizer: dict, options: RunOptions) -> dict:
     """AdamW unless the template names another optimizer; --lr and --weight-decay always apply.
 
-    --optimizer adamw (the default) is torch.optim.AdamW (DeepSpeed's `torch_adam`): nothing to compile,
-    the fused kernel on a GPU; with --offload, DeepSpeed's CPU Adam, which is made for the offloaded
-    update. --optimizer fused-adam is DeepSpeed's FusedAdam, which DeepSpeed JIT-builds on a GPU with
+    --optimizer adamw (the default) is torch.optim.AdamW (DeepSpeed's `torch_adam`) with its fused
+    kernel, on a GPU and on the CPU alike: nothing to compile, and one in-place pass over the weights.
+    (Unfused on the CPU, torch's AdamW allocates two temporaries the size of the weights it updates at
+    every step: under ZeRO-1-3 that is each rank's flat partition, measured +520 MiB of peak RSS per
+    rank for SmolLM2 at ZeRO-3 x2, and a step 4x slower.) With --offload, DeepSpeed's CPU Adam, which is
+    made for the offloaded update. --optimizer fused-adam is DeepSpeed's FusedAdam, which DeepSpeed JIT-builds on a GPU with
     the CUDA toolkit (nvcc) on the first run.
     """
     kind = str(template_optimizer.get("type", "AdamW"))
@@ -191,9 +194,9 @@ def optimizer_section(template_optimizer: dict, options: RunOptions, device: str
         params = {**ADAM_DEFAULTS, **params}
         torch_adam = options.optim.optimizer == "adamw" and options.optim.offload == "none"
         params["torch_adam"] = torch_adam
-        if torch_adam and device == "cuda":
+        if torch_adam:
             params.setdefault("fused", True)
-        elif not torch_adam:
+        else:
             params.pop("fused", None)
     params.update(lr=options.optim.lr, weight_decay=options.optim.weight_decay)
     return {**template_optimizer, "type": kind, "params": dict(sorted(params.items()))}

@@ -66,6 +66,22 @@ def test_golden_folder_holds_exactly_the_valid_combinations():
     assert sorted(p.name for p in GOLDEN.glob("*.json")) == sorted(golden_name(*c) for c in COMBINATIONS)
 
 
+@pytest.mark.parametrize("zero", [0, 3])
+def test_a_cpu_run_steps_with_torchs_fused_adamw(gpt2_dir, tmp_path, zero):
+    """What DeepSpeed builds from the config on the CPU: torch.optim.AdamW with fused=True (at ZeRO-3 over
+    each rank's flat partition, where the unfused step allocates two temporaries of its size)."""
+    import torch
+
+    from tests.sft_harness import train_in_process, write_pairs_csv, write_run_dir
+
+    engine = train_in_process(write_run_dir(tmp_path / "run", model=str(gpt2_dir), zero=zero, gpus="cpu",
+                                            data=str(write_pairs_csv(tmp_path / "pairs.csv")), micro_batch=2,
+                                            max_steps=1, precision="fp32"))
+    adam = engine.basic_optimizer
+    assert type(adam) is torch.optim.AdamW and adam.defaults["fused"] is True
+    assert all(len(state) > 0 for state in adam.state.values())  # it stepped
+
+
 def test_every_template_and_precision_is_accepted_by_deepspeed():
     from deepspeed.runtime.config import DeepSpeedConfig  # world size 1 without a process group
 
@@ -117,11 +133,11 @@ def test_precision_sections():
 
 
 def test_the_optimizer_needs_no_build_unless_asked():
-    """torch's AdamW (fused on a GPU) by default; DeepSpeed's CPU Adam with offload; FusedAdam on request."""
+    """torch's fused AdamW by default (GPU and CPU); DeepSpeed's CPU Adam with offload; FusedAdam on request."""
     params = gpu_config(run_options(), {})["optimizer"]["params"]
     assert (params["torch_adam"], params["fused"]) == (True, True)
     cpu = build_ds_config(run_options(), {}, device="cpu")["optimizer"]["params"]
-    assert cpu["torch_adam"] is True and "fused" not in cpu  # foreach, torch's default on the CPU
+    assert (cpu["torch_adam"], cpu["fused"]) == (True, True)  # unfused on the CPU: 2 weight-sized temporaries
     offloaded = gpu_config(run_options(zero=2, offload="optimizer"), load_template(run_options(zero=2,
                                                                                               offload="optimizer")))
     assert offloaded["optimizer"]["params"]["torch_adam"] is False and "fused" not in offloaded["optimizer"]["params"]
