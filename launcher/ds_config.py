@@ -185,8 +185,8 @@ def optimizer_section(template_optimizer: dict, options: RunOptions) -> dict:
     (Unfused on the CPU, torch's AdamW allocates two temporaries the size of the weights it updates at
     every step: under ZeRO-1-3 that is each rank's flat partition, measured +520 MiB of peak RSS per
     rank for SmolLM2 at ZeRO-3 x2, and a step 4x slower.) With --offload, DeepSpeed's CPU Adam, which is
-    made for the offloaded update. --optimizer fused-adam is DeepSpeed's FusedAdam, which DeepSpeed JIT-builds on a GPU with
-    the CUDA toolkit (nvcc) on the first run.
+    made for the offloaded update. --optimizer fused-adam is DeepSpeed's FusedAdam, which DeepSpeed
+    JIT-builds on a GPU with the CUDA toolkit (nvcc) on the first run.
     """
     kind = str(template_optimizer.get("type", "AdamW"))
     params = dict(template_optimizer.get("params", {}))
