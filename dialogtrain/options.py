@@ -164,6 +164,8 @@ class ScheduleOptions:
     seed: int = option(42, "seed for shuffling and initialisation")
     log_every: int = option(1, "write metrics.jsonl every N optimizer steps")
     eval_every: int = option(0, "evaluate every N optimizer steps (and at the end); 0: at the end only")
+    eval_on_start: bool = option(False, "also evaluate before the first step: the base model's held-out figures, "
+                                 "logged as step 0 (not when resuming)")
     save_every: int = option(0, "checkpoint every N optimizer steps; 0: final model only")
     keep_last: int = option(0, "keep only the K newest checkpoints; 0 keeps all")
 

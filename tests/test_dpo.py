@@ -188,11 +188,14 @@ def test_learns_a_synthetic_preference_task_and_evaluates_the_whole_eval_set(lla
     run_dir = tmp_path / "run"
     run_json = write_run_dir(run_dir, command="dpo", model=str(llama_dir), data=str(train), eval_data=str(held_out),
                              micro_batch=2, grad_accum=2, lr=5e-3, max_steps=8, eval_every=4, beta=0.1,
-                             precision="fp32", gpus="cpu")
+                             eval_on_start=True, precision="fp32", gpus="cpu")
     train_in_process(run_json, "dpo")
     records = read_metrics(run_dir / "metrics.jsonl")
     evals = [r for r in records if "eval_loss" in r]
-    assert [r["step"] for r in evals] == [4, 8]  # every --eval-every steps and at the end, once
+    assert [r["step"] for r in evals] == [0, 4, 8]  # before training, every --eval-every steps and at the end
+    # before any update the policy is its reference: every reward 0, so the loss is -log sigmoid(0) = log 2
+    assert evals[0]["eval_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert evals[0]["eval_rewards/margins"] == 0 and evals[0]["eval_rewards/accuracies"] == 0
     final = evals[-1]
     assert final["eval_rewards/accuracies"] > 0.9
     assert final["eval_rewards/margins"] > 0 and final["eval_loss"] < math.log(2)

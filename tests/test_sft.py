@@ -81,6 +81,27 @@ def test_loss_falls_and_metrics_are_logged(llama_dir, tmp_path):
     assert steps[0]["lr"] == pytest.approx(1e-2) and steps[-1]["lr"] == pytest.approx(1e-2 / 12)
 
 
+def test_eval_on_start_scores_the_base_model_as_step_0_and_changes_no_update(llama_dir, tmp_path):
+    data = write_messages_jsonl(tmp_path / "chats.jsonl")
+    flags = dict(model=str(llama_dir), data=str(data), eval_data=str(data), keep_overlap=True, micro_batch=4,
+                 precision="fp32", gpus="cpu", seed=5)
+    runs = {"start": dict(eval_on_start=True, max_steps=2, lr=1e-2), "plain": dict(max_steps=2, lr=1e-2),
+            # one step too small to move a weight: its evaluation is the base model's
+            "base": dict(max_steps=1, lr=1e-12)}
+    records, weights = {}, {}
+    for name, extra in runs.items():
+        train_in_process(write_run_dir(tmp_path / name, **flags, **extra))
+        records[name] = [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "eval_loss" in r]
+        weights[name] = final_weights(tmp_path / name)
+    first, last = records["start"]
+    assert set(first) == {"step", "epoch", "eval_loss", "eval_ppl"} and first["step"] == 0
+    assert first["eval_loss"] == pytest.approx(records["base"][0]["eval_loss"], rel=1e-5)
+    assert last["step"] == 2 and last["eval_loss"] < first["eval_loss"] - 0.25
+    assert [r["step"] for r in records["plain"]] == [2]
+    for name, tensor in weights["plain"].items():  # evaluating first leaves training exactly as it was
+        assert torch.equal(tensor, weights["start"][name]), name
+
+
 def test_zero3_fp32_updates_the_weight_partition_in_place_and_matches_zero0(llama_dir, tmp_path):
     """ZeRO-3 in fp32 keeps one fp32 copy of each rank's partition (DeepSpeed 0.19 alone keeps two), and
     training with it gives ZeRO-0's weights."""

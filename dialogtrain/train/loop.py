@@ -5,8 +5,9 @@ checkpoints, the final save. A method (dialogtrain.sft, .dpo, .kto) brings its a
     options -> checkpoints (refuse a bad --resume first) -> seed -> tokenizer -> data (a bad row stops
     the run before a large model loads) -> plan -> model (ZeRO-3: partitioned as it loads; LoRA
     adapters) -> engine -> packing check (through the engine) -> recipe.setup (the DPO reference)
-    -> restore -> per optimizer step: recipe.train_step, NaN / fp16-skip checks, log, evaluate every
-       --eval-every steps and at the end (once), checkpoint every --save-every steps -> RUN/final
+    -> restore -> (--eval-on-start: evaluate the base model, as step 0) -> per optimizer step:
+       recipe.train_step, NaN / fp16-skip checks, log, evaluate every --eval-every steps and at the end
+       (once), checkpoint every --save-every steps -> RUN/final
 """
 
 from __future__ import annotations
@@ -208,7 +209,13 @@ def train(run_json: Path, world: World, recipe: Recipe):
     flops_per_token, peak = train_flops_per_token(model), peak_flops(options.optim.precision, world)  # for mfu
     progress = checkpoints.restore(engine)  # Progress() unless resuming
     engine.train()  # from_pretrained returns eval mode; training has dropout from its first step, resumed or not
+    before = None
+    if eval_set and options.schedule.eval_on_start and progress.step == 0:  # the base model, as step 0
+        before = {"step": 0, "epoch": 0, **recipe.evaluate(engine, run, state)}
+        world.print(f"eval before training: {recipe.eval_summary(before)}")
     log = open_metrics(run_dir, world.is_main, total_steps, progress.step, options)  # and --report-to's trackers
+    if before:
+        log.log(before)
 
     step, epoch, position, record = progress.step, progress.epoch, progress.position, {}
     consecutive_skips = 0

@@ -46,7 +46,7 @@ RESTART_ENV = "TORCHELASTIC_RESTART_COUNT"
 # padded) and whether activations are recomputed, and what is logged (and to which trackers, under which
 # run name), evaluated (--keep-overlap: which eval examples count) and kept.
 FREE_ON_RESUME = {"micro_batch", "grad_accum", "packing", "gradient_checkpointing", "log_every", "eval_every",
-                  "save_every", "keep_last", "export_fp32", "report_to", "run_name", "keep_overlap"}
+                  "eval_on_start", "save_every", "keep_last", "export_fp32", "report_to", "run_name", "keep_overlap"}
 
 
 @dataclass(frozen=True)
