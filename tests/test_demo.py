@@ -1,4 +1,5 @@
-"""The demo's choice of precision: by the CPU's flags, then by measuring (the probes mocked here)."""
+"""The demo: its choice of precision (by the CPU's flags, then by measuring; the probes mocked here) and its
+held-out report."""
 
 import pytest
 
@@ -24,3 +25,14 @@ def test_the_demo_runs_bf16_only_where_it_measures_at_least_as_fast_as_fp32(monk
     assert precision == want and precision in DEFAULT_STEPS
     if peaks:
         assert f"{peaks['bf16'] / 1e9:.0f}" in why and f"{peaks['fp32'] / 1e9:.0f}" in why
+
+
+def test_the_demo_reports_the_base_and_the_fine_tuned_held_out_loss(tmp_path):
+    from dialogtrain.demo import held_out_losses
+
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text('{"step": 0, "epoch": 0, "eval_loss": 2.5, "eval_ppl": 12.18}\n'
+                       '{"step": 10, "epoch": 0, "loss": 1.9}\n'
+                       '{"step": 24, "epoch": 0, "loss": 2.2, "eval_loss": 1.25, "eval_ppl": 3.49}\n')
+    assert held_out_losses(metrics, 6) == ("held-out loss (assistant tokens of the 6 held-out conversations): "
+                                           "base 2.500, fine-tuned 1.250 (step 24)")
