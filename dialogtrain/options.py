@@ -358,6 +358,8 @@ class RunOptions:
             out.extend(getattr(self, name).problems())
         out.extend(self.lora.problems_with(self.optim))
         out.extend(self.preference_problems())
+        if self.schedule.eval_on_start and not (self.data.eval_data or self.data.eval_split):
+            out.append(f"{flag('eval_on_start')} needs an eval set: {flag('eval_data')} or {flag('eval_split')}")
         if self.world_size < 1:
             out.append(f"world size must be >= 1, got {self.world_size}")
         return out

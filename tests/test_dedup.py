@@ -218,6 +218,7 @@ def test_eval_split_of_pairs_never_splits_a_prompt(tmp_path):
     (["--eval-split", "0.2", "--eval-data", "E"], "--eval-split and --eval-data: the eval set comes from one of them"),
     (["--keep-overlap"], "--keep-overlap needs --eval-data"),
     (["--eval-split", "1.5"], "--eval-split must be a fraction in [0, 1), got 1.5"),
+    (["--eval-on-start"], "--eval-on-start needs an eval set: --eval-data or --eval-split"),
 ])
 def test_impossible_data_flags_are_refused_at_launch(tmp_path, flags, problem):
     from launcher.cli import cli
